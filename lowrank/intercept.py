@@ -1,0 +1,163 @@
+"""Running an unmodified linen model with a frozen tree and an adapters tree.
+
+The adapters ride inside the ``params`` collection, as a sibling entry next to the weight they
+adapt (``kernel`` -> ``kernel@lora``). That way every lifted transform of the user's model
+(``nn.scan``, ``nn.remat``, ``nn.vmap``) slices and routes them exactly like the weight itself,
+and ``flax.linen.intercept_methods`` (the public hook) adds ``s * (x A) B`` to the output of
+each adapted layer. Quantized weights are dequantized right where the layer runs, inside
+whatever jit the caller traces, so no dequantized copy outlives the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lowrank import layers, paths, quant
+from lowrank.lora import check_fits, is_pair
+
+LORA_SUFFIX = "@lora"
+DROPOUT_STREAM = "lora_dropout"
+
+
+def combine(frozen: Mapping, adapters: Mapping) -> dict:
+    """The params tree the intercepted model runs on: frozen weights, trained leaves swapped
+    in, and each ``LoraPair`` placed beside its weight under ``<name>@lora``.
+
+    >>> from lowrank.lora import LoraPair
+    >>> pair = LoraPair(jnp.ones((2, 1)), jnp.zeros((1, 2)))
+    >>> sorted(combine({"d": {"kernel": jnp.ones((2, 2))}}, {"d": {"kernel": pair}})["d"])
+    ['kernel', 'kernel@lora']
+    """
+    flat = dict(paths.flatten(paths.params_of(frozen)))
+    ad = paths.flatten(adapters)
+    check_fits(flat, ad)
+    for p, leaf in ad.items():
+        flat[p + LORA_SUFFIX if is_pair(leaf) else p] = leaf
+    return paths.unflatten(flat)
+
+
+def _own_params(module: nn.Module) -> dict[str, Any]:
+    """The module's direct parameters (not those of its submodules)."""
+    params = module.variables.get("params", {})
+    return {k: v for k, v in params.items() if not isinstance(v, Mapping)}
+
+
+def _where(module: nn.Module, name: str) -> str:
+    return paths.SEP.join((*module.path, name))
+
+
+def _dropout_fn(module: nn.Module, rate: float, active: bool):
+    if not active or rate == 0.0:
+        return lambda x: x
+
+    def drop(x):
+        keep = jax.random.bernoulli(module.make_rng(DROPOUT_STREAM), 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+    return drop
+
+
+class _Interceptor:
+    def __init__(self, dropout_active: bool):
+        self.dropout_active = dropout_active
+
+    def __call__(self, next_fun, args, kwargs, context):
+        module = context.module
+        own = _own_params(module)
+        pairs = {k[: -len(LORA_SUFFIX)]: v for k, v in own.items() if k.endswith(LORA_SUFFIX)}
+        quantized = [k for k, v in own.items() if quant.is_quantized(v)]
+        if not pairs and not quantized:
+            return next_fun(*args, **kwargs)
+        rule = layers.rule_for(module)
+        if rule is None or set(pairs) - {rule.weight}:
+            name = next(iter(pairs or quantized))
+            raise layers.UnsupportedLayer(
+                f"{_where(module, name)!r} is a weight of {type(module).__name__}, which "
+                f"lowrank cannot adapt or dequantize; supported layers: {layers.SUPPORTED}"
+            )
+        if context.method_name not in rule.methods:
+            return next_fun(*args, **kwargs)
+        if quantized:
+            base = _run_dequantized(module, own, context.method_name, args, kwargs)
+        else:
+            base = next_fun(*args, **kwargs)
+        pair = pairs.get(rule.weight)
+        if pair is None:
+            return base
+        weight = own[rule.weight]
+        ndim = len(quant.logical_shape(weight) if quant.is_quantized(weight) else weight.shape)
+        expected = rule.factorization(module, ndim, args, kwargs)
+        if expected.equation != pair.equation or pair.a.ndim != ndim - len(expected.out) + 1:
+            raise ValueError(
+                f"adapter at {_where(module, rule.weight)!r} has layout {pair.equation} and A "
+                f"{tuple(pair.a.shape)}, but {type(module).__name__} here needs "
+                f"{expected.equation} with no leading axes; initialise it with "
+                "layouts=lowrank.discover_layouts(model, params, *example_inputs)"
+            )
+        dtype = base.dtype
+        delta = rule.delta(
+            module,
+            context.method_name,
+            args,
+            kwargs,
+            pair.a.astype(dtype),
+            pair.b.astype(dtype),
+            pair.scale,
+            _dropout_fn(module, pair.dropout, self.dropout_active),
+        )
+        return base + delta.astype(dtype)
+
+
+def _run_dequantized(module, own, method_name, args, kwargs):
+    # The layer's own code runs on an unbound clone whose params are the dequantized
+    # weights; the clone's call passes through the interceptor untouched (plain params).
+    plain = {
+        k: quant.dequantize(v) if quant.is_quantized(v) else v
+        for k, v in own.items()
+        if not k.endswith(LORA_SUFFIX)
+    }
+    clone = module.clone(parent=None)
+    return clone.apply({"params": plain}, *args, method=method_name, **kwargs)
+
+
+def apply(
+    model: nn.Module,
+    frozen: Mapping,
+    adapters: Mapping,
+    *args: Any,
+    lora_rng: jax.Array | None = None,
+    rngs: Mapping[str, jax.Array] | None = None,
+    extra_variables: Mapping[str, Any] | None = None,
+    **apply_kwargs: Any,
+) -> Any:
+    """Runs ``model`` with its weights taken from ``frozen`` and adapted by ``adapters``.
+
+    Args:
+      model: an unmodified linen module.
+      frozen: the base params (plain or quantized arrays; ``{"params": ...}`` also accepted).
+      adapters: the trainable tree from :func:`lowrank.init_adapters` (``{}`` runs the base).
+      *args: the model's inputs.
+      lora_rng: when given, adapter dropout is active (training); omitted at evaluation.
+      rngs: the model's own rngs (its dropout etc.), as in ``model.apply``.
+      extra_variables: other collections (``batch_stats``...).
+      **apply_kwargs: passed to ``model.apply`` (``method=``, ``mutable=``, model kwargs).
+
+    >>> model = nn.Dense(3)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    >>> import lowrank
+    >>> adapters = lowrank.init_adapters(jax.random.key(1), params, lowrank.LoraSpec(rank=2))
+    >>> y = apply(model, params, adapters, jnp.ones((1, 4)))
+    >>> bool(jnp.allclose(y, model.apply({"params": params}, jnp.ones((1, 4)))))
+    True
+    """
+    variables = {"params": combine(frozen, adapters), **(extra_variables or {})}
+    rngs = dict(rngs or {})
+    if lora_rng is not None:
+        rngs[DROPOUT_STREAM] = lora_rng
+    with nn.intercept_methods(_Interceptor(dropout_active=lora_rng is not None)):
+        return model.apply(variables, *args, rngs=rngs or None, **apply_kwargs)

@@ -1,0 +1,219 @@
+"""What each supported linen layer computes, so that an adapter can be added from outside.
+
+For every supported layer type this module knows two things:
+
+* how its weight factorises: which kernel axes the input contracts with (``contract``),
+  which appear in the output (``out``), and which are shared by both (``batch``, as a head axis
+  of an ``nn.Einsum``). ``A`` spans ``batch + contract + (r,)`` and ``B`` spans
+  ``batch + (r,) + out``, so that ``W ~ einsum(A, B)`` in the kernel's own axis order;
+* how to compute the adapter's contribution ``s * (x A) B`` to the layer's output without
+  ever forming ``A B``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_LABELS = string.ascii_lowercase.replace("z", "")
+RANK_LABEL = "z"
+
+
+@dataclasses.dataclass(frozen=True)
+class Factorization:
+    """Which kernel axes an adapter's ``A`` and ``B`` span (axis positions of one slice).
+
+    >>> f = Factorization(batch=(), contract=(0,), out=(1,))
+    >>> f.equation
+    '...az,...zb->...ab'
+    >>> f.adapter_shapes((16, 32), rank=4)
+    ((16, 4), (4, 32))
+    """
+
+    batch: tuple[int, ...]
+    contract: tuple[int, ...]
+    out: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.batch) + len(self.contract) + len(self.out)
+
+    @property
+    def equation(self) -> str:
+        lab = _LABELS[: self.ndim]
+        a = "".join(lab[i] for i in self.batch + self.contract) + RANK_LABEL
+        b = "".join(lab[i] for i in self.batch) + RANK_LABEL + "".join(lab[i] for i in self.out)
+        return f"...{a},...{b}->...{lab}"
+
+    @classmethod
+    def from_equation(cls, eq: str) -> Factorization:
+        """Inverse of :attr:`equation`.
+
+        >>> Factorization.from_equation('...az,...zb->...ab')
+        Factorization(batch=(), contract=(0,), out=(1,))
+        """
+        lhs, kernel = eq.replace("...", "").split("->")
+        a, b = lhs.split(",")
+        pos = {c: i for i, c in enumerate(kernel)}
+        batch = tuple(pos[c] for c in a if c in b and c != RANK_LABEL)
+        contract = tuple(pos[c] for c in a if c not in b)
+        out = tuple(pos[c] for c in b if c not in a)
+        return cls(batch, contract, out)
+
+    def fan_in(self, kernel_shape: tuple[int, ...]) -> int:
+        return int(np.prod([kernel_shape[i] for i in self.contract]))
+
+    def fan_out(self, kernel_shape: tuple[int, ...]) -> int:
+        return int(np.prod([kernel_shape[i] for i in self.out]))
+
+    def adapter_shapes(self, kernel_shape: tuple[int, ...], rank: int):
+        """Shapes of ``A`` and ``B`` for one slice of a kernel."""
+        dims = lambda axes: tuple(kernel_shape[i] for i in axes)  # noqa: E731
+        return (
+            dims(self.batch) + dims(self.contract) + (rank,),
+            dims(self.batch) + (rank,) + dims(self.out),
+        )
+
+
+MATRIX = Factorization(batch=(), contract=(0,), out=(1,))
+
+
+class UnsupportedLayer(ValueError):
+    """A low-rank target sits on a layer this library cannot adapt."""
+
+
+def _tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _einsum_parts(module: nn.Einsum, args, kwargs) -> tuple[str, str, str]:
+    eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+    lhs, out = eq.replace(" ", "").split("->")
+    x_labels, k_labels = lhs.split(",")
+    return x_labels, k_labels, out
+
+
+def _dense_factorization(module, ndim, args, kwargs):
+    return MATRIX
+
+
+def _dense_general_factorization(module, ndim, args, kwargs):
+    if _tuple(module.batch_dims):
+        raise UnsupportedLayer("nn.DenseGeneral with batch_dims is not supported")
+    n_in = len(_tuple(module.axis))
+    return Factorization((), tuple(range(n_in)), tuple(range(n_in, ndim)))
+
+
+def _einsum_factorization(module, ndim, args, kwargs):
+    x_labels, k_labels, out = _einsum_parts(module, args, kwargs)
+    if "." in x_labels + k_labels:
+        raise UnsupportedLayer("nn.Einsum with an ellipsis in the equation is not supported")
+    batch, contract, outs = [], [], []
+    for i, c in enumerate(k_labels):
+        in_x, in_out = c in x_labels, c in out
+        if in_x and in_out:
+            batch.append(i)
+        elif in_x:
+            contract.append(i)
+        elif in_out:
+            outs.append(i)
+        else:
+            raise UnsupportedLayer(f"nn.Einsum kernel axis {c!r} is summed over alone")
+    return Factorization(tuple(batch), tuple(contract), tuple(outs))
+
+
+def _conv_factorization(module, ndim, args, kwargs):
+    if module.feature_group_count != 1:
+        raise UnsupportedLayer("nn.Conv with feature_group_count != 1 is not supported")
+    if module.mask is not None:
+        raise UnsupportedLayer("nn.Conv with a kernel mask is not supported")
+    return Factorization((), tuple(range(ndim - 1)), (ndim - 1,))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """How one linen layer type is adapted."""
+
+    weight: str  # the name of the adapted parameter
+    methods: tuple[str, ...]  # the methods that use it
+    factorization: Callable[..., Factorization]
+    delta: Callable[..., jax.Array]
+
+
+def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``scale * (x @ a) @ b`` over the last axis of ``x``, never forming ``a @ b``.
+
+    >>> low_rank(jnp.ones((2, 3)), jnp.ones((3, 1)), jnp.ones((1, 4)), 0.5).shape
+    (2, 4)
+    """
+    u = jnp.dot(x, a) * jnp.asarray(scale, x.dtype)
+    return jnp.dot(u, b)
+
+
+def _dense_delta(module, method, args, kwargs, a, b, scale, dropout):
+    return low_rank(dropout(args[0]), a, b, scale)
+
+
+def _dense_general_delta(module, method, args, kwargs, a, b, scale, dropout):
+    x = dropout(args[0])
+    axis = tuple(ax % x.ndim for ax in _tuple(module.axis))
+    x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+    lead = x.shape[: x.ndim - len(axis)]
+    rank = a.shape[-1]
+    y = low_rank(x.reshape(*lead, -1), a.reshape(-1, rank), b.reshape(rank, -1), scale)
+    return y.reshape(*lead, *b.shape[1:])
+
+
+def _einsum_delta(module, method, args, kwargs, a, b, scale, dropout):
+    x_labels, k_labels, out = _einsum_parts(module, args, kwargs)
+    f = _einsum_factorization(module, len(k_labels), args, kwargs)
+    r = next(c for c in string.ascii_letters if c not in x_labels + k_labels + out)
+    a_labels = "".join(k_labels[i] for i in f.batch + f.contract) + r
+    b_labels = "".join(k_labels[i] for i in f.batch) + r + "".join(k_labels[i] for i in f.out)
+    contracted = {k_labels[i] for i in f.contract}
+    u_labels = "".join(c for c in x_labels if c not in contracted) + r
+    x = dropout(args[0])
+    u = jnp.einsum(f"{x_labels},{a_labels}->{u_labels}", x, a) * jnp.asarray(scale, x.dtype)
+    return jnp.einsum(f"{u_labels},{b_labels}->{out}", u, b)
+
+
+def _embed_delta(module, method, args, kwargs, a, b, scale, dropout):
+    if method == "attend":  # query @ (a b)^T, computed as (query b^T) a^T
+        return low_rank(args[0], b.T, a.T, scale)
+    return jnp.dot(jnp.take(a, args[0], axis=0) * jnp.asarray(scale, a.dtype), b)
+
+
+def _conv_delta(module, method, args, kwargs, a, b, scale, dropout):
+    # x * A is the same convolution with r output channels (PEFT's conv LoRA); then a 1x1 map.
+    down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype)
+    u = down.apply({"params": {"kernel": a}}, dropout(args[0]))
+    return jnp.dot(u * jnp.asarray(scale, u.dtype), b)
+
+
+RULES: dict[type, LayerRule] = {
+    nn.Dense: LayerRule("kernel", ("__call__",), _dense_factorization, _dense_delta),
+    nn.DenseGeneral: LayerRule(
+        "kernel", ("__call__",), _dense_general_factorization, _dense_general_delta
+    ),
+    nn.Einsum: LayerRule("kernel", ("__call__",), _einsum_factorization, _einsum_delta),
+    nn.Embed: LayerRule("embedding", ("__call__", "attend"), lambda *_: MATRIX, _embed_delta),
+    nn.Conv: LayerRule("kernel", ("__call__",), _conv_factorization, _conv_delta),
+}
+
+SUPPORTED = ", ".join(f"nn.{t.__name__}" for t in RULES)
+
+
+def rule_for(module: Any) -> LayerRule | None:
+    """The rule for a module's exact type (subclasses may change the math, so they don't match).
+
+    >>> rule_for(nn.Dense(3)).weight
+    'kernel'
+    """
+    return RULES.get(type(module))
