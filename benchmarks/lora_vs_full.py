@@ -65,7 +65,8 @@ def make_steps(model, params, x, y, rank):
         u, opt = tx.update(g, opt, p)
         return optax.apply_updates(p, u), opt
 
-    adapters = lr.init_adapters(jax.random.key(1), params, lr.LoraSpec(rank=rank, targets=".*kernel"))
+    spec = lr.LoraSpec(rank=rank, targets=".*kernel")
+    adapters = lr.init_adapters(jax.random.key(1), params, spec)
 
     def lora_loss(a, frozen):
         return jnp.mean((lr.apply(model, frozen, a, x) - y) ** 2)
