@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import safetensors
 import safetensors.flax
 
+from lowrank import paths
 from lowrank.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -169,60 +170,48 @@ def architecture_of(model: nn.Module) -> Architecture:
 # ----------------------------------------------------------------------------- the name map
 
 
-def hf_key(path: tuple[str, ...], layer_list: str, layer: int | None = None) -> str:
+def hf_key(path: str, layer_list: str, layer: int | None = None) -> str:
     """Hugging Face key of our parameter ``path``; ``layer`` picks a slice of a scanned stack.
 
-    >>> hf_key(("encoder", "layer_3", "attention", "self", "query", "kernel"), "layer")
+    >>> hf_key("encoder/layer_3/attention/self/query/kernel", "layer")
     'encoder.layer.3.attention.self.query.weight'
-    >>> hf_key(("model", "layers", "mlp", "up_proj", "kernel"), "layers", layer=1)
+    >>> hf_key("model/layers/mlp/up_proj/kernel", "layers", layer=1)
     'model.layers.1.mlp.up_proj.weight'
     """
+    *modules, leaf = path.split(paths.SEP)
     parts: list[str] = []
-    for part in path[:-1]:
+    for part in modules:
         numbered = re.fullmatch(rf"{re.escape(layer_list)}_(\d+)", part)
         if numbered:
             parts += [layer_list, numbered.group(1)]
         elif part == layer_list:
             if layer is None:
-                raise ValueError(f"{'/'.join(path)} is a scanned stack: pass the layer index")
+                raise ValueError(f"{path} is a scanned stack: pass the layer index")
             parts += [layer_list, str(layer)]
         else:
             parts.append(part)
-    if path[-1] not in _LEAF_TO_HF:
-        raise ValueError(f"no Hugging Face name for leaf {'/'.join(path)!r}")
-    return ".".join(parts + [_LEAF_TO_HF[path[-1]]])
+    if leaf not in _LEAF_TO_HF:
+        raise ValueError(f"no Hugging Face name for parameter {path!r}")
+    return ".".join(parts + [_LEAF_TO_HF[leaf]])
 
 
-def is_stacked(path: tuple[str, ...], layer_list: str) -> bool:
+def is_stacked(path: str, layer_list: str) -> bool:
     """Whether ``path`` lies in a scanned layer stack (its arrays have a leading layer axis)."""
-    return layer_list in path[:-1]
+    return layer_list in path.split(paths.SEP)[:-1]
 
 
-def from_hf_tensor(path: tuple[str, ...], tensor: jax.Array) -> jax.Array:
+def _is_kernel(path: str) -> bool:
+    return path.rpartition(paths.SEP)[2] == "kernel"
+
+
+def from_hf_tensor(path: str, tensor: jax.Array) -> jax.Array:
     """A Hugging Face tensor in our layout: Linear weights ``[out, in]`` become kernels."""
-    return tensor.T if path[-1] == "kernel" else tensor
+    return tensor.T if _is_kernel(path) else tensor
 
 
-def to_hf_tensor(path: tuple[str, ...], array: jax.Array) -> jax.Array:
+def to_hf_tensor(path: str, array: jax.Array) -> jax.Array:
     """Our array in Hugging Face's layout (the inverse of :func:`from_hf_tensor`)."""
-    return array.T if path[-1] == "kernel" else array
-
-
-def _flatten(tree: Mapping) -> dict[tuple[str, ...], Any]:
-    flat = {}
-    for key_path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        flat[tuple(str(k.key) for k in key_path)] = leaf
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = leaf
-    return tree
+    return array.T if _is_kernel(path) else array
 
 
 # ----------------------------------------------------------------------------- reading
@@ -331,8 +320,9 @@ def abstract_params(model: nn.Module) -> dict:
     return variables["params"]
 
 
-def _is_new_head(path: tuple[str, ...], arch: Architecture) -> bool:
-    return any(path[: len(h)] == h for h in arch.new_heads)
+def _is_new_head(path: str, arch: Architecture) -> bool:
+    parts = tuple(path.split(paths.SEP))
+    return any(parts[: len(h)] == h for h in arch.new_heads)
 
 
 def load_params(
@@ -351,9 +341,9 @@ def load_params(
     """
     arch = architecture_of(model)
     param_dtype = model.param_dtype
-    wanted = _flatten(abstract_params(model))
-    loaded: dict[tuple[str, ...], jax.Array] = {}
-    missing: list[tuple[tuple[str, ...], str]] = []
+    wanted = paths.flatten(abstract_params(model))
+    loaded: dict[str, jax.Array] = {}
+    missing: list[tuple[str, str]] = []
     used: set[str] = set()
     with Checkpoint(directory) as ckpt:
         available = set(ckpt.keys())
@@ -368,7 +358,7 @@ def load_params(
             if tuple(tensor.shape) != tuple(shape):
                 raise ValueError(
                     f"weight {found!r} in {directory} has shape {tuple(ckpt.shape(found))}, "
-                    f"which gives {tuple(tensor.shape)} for parameter {'/'.join(path)!r}; "
+                    f"which gives {tuple(tensor.shape)} for parameter {path!r}; "
                     f"the model expects {tuple(shape)} (check config.json against the weights)"
                 )
             return tensor.astype(param_dtype), name
@@ -389,21 +379,21 @@ def load_params(
                 loaded[path] = tensor
     not_head = [(p, n) for p, n in missing if not _is_new_head(p, arch)]
     if not_head:
-        names = ", ".join(f"{n!r} (for {'/'.join(p)})" for p, n in not_head[:5])
-        raise KeyError(f"{directory} lacks {len(not_head)} weight(s) the model needs: {names}")
+        names = ", ".join(f"{n!r} (for {p})" for p, n in not_head[:5])
+        raise ValueError(f"{directory} lacks {len(not_head)} weight(s) the model needs: {names}")
     if missing:
         if key is None:
-            heads = sorted({"/".join(p) for p, _ in missing})
-            raise KeyError(
+            heads = sorted(p for p, _ in missing)
+            raise ValueError(
                 f"{directory} has no weights for the new head {heads}: pass key= to "
                 "initialise it"
             )
-        fresh = _flatten(jax.jit(lambda k: model.init(k, *_example_inputs())["params"])(key))
+        fresh = paths.flatten(jax.jit(lambda k: model.init(k, *_example_inputs())["params"])(key))
         loaded.update({p: fresh[p] for p, _ in missing})
     unused = sorted(k for k in available - used if not _IGNORED_KEYS.fullmatch(k))
     if unused:
         log.info("%d checkpoint tensors unused: %s", len(unused), ", ".join(unused[:10]))
-    return _unflatten({p: loaded[p] for p in wanted})
+    return paths.unflatten({p: loaded[p] for p in wanted})
 
 
 def from_pretrained(
@@ -462,7 +452,7 @@ def hf_tensors(model: nn.Module, params: Mapping) -> Iterator[tuple[str, jax.Arr
     (8, 4)
     """
     arch = architecture_of(model)
-    for path, leaf in _flatten(params).items():
+    for path, leaf in paths.flatten(params).items():
         if is_stacked(path, arch.layer_list):
             for i in range(leaf.shape[0]):
                 yield hf_key(path, arch.layer_list, i), to_hf_tensor(path, leaf[i])
