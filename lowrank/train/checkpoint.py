@@ -1,0 +1,197 @@
+"""Training checkpoints with orbax: the state, the config and what the run was trained on.
+
+A step folder holds three items: ``state`` (trainable tree, optimizer state, step, rng),
+``config`` (the run's config as JSON) and ``meta`` (the LoRA settings, the adapter shapes, and
+the frozen base's source and sha256). The frozen base itself is never written: a resumed run
+must bring the same base, which the hash checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lowrank import paths
+from lowrank.lora import is_pair
+
+FORMAT = "lowrank-train-checkpoint"
+ITEMS = ("state", "config", "meta")
+_STEP_DIR = re.compile(r"\d+")
+_TMP_DIR = re.compile(r".*\d+\.orbax-checkpoint-tmp.*")
+
+
+class NotACheckpointDirectory(ValueError):
+    """The checkpoint path holds something other than lowrank training checkpoints."""
+
+
+def fingerprint(tree: Any) -> str:
+    """sha256 over the structure, paths, dtypes, shapes and bytes of every array of ``tree``,
+    in ``jax.tree_util`` path order (stable for nested dicts: their keys are sorted).
+
+    >>> fingerprint({"w": np.zeros(2)}) == fingerprint({"w": np.zeros(2)})
+    True
+    >>> fingerprint({"w": np.zeros(2)}) == fingerprint({"w": np.ones(2)})
+    False
+    """
+    digest = hashlib.sha256(repr(jax.tree.structure(tree)).encode())
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{paths.path_str(key_path)}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def adapter_summary(trainable: Mapping) -> dict[str, dict]:
+    """What the trainable tree is made of, by path: rank, shapes and scale of each adapter,
+    shape of each full-rank leaf (JSON-ready; compared when resuming).
+
+    >>> from lowrank.lora import LoraPair
+    >>> adapter_summary({"d": {"kernel": LoraPair(np.ones((4, 2)), np.ones((2, 3)))}})
+    {'d/kernel': {'rank': 2, 'a': [4, 2], 'b': [2, 3], 'scale': 1.0}}
+    """
+    out = {}
+    for p, leaf in paths.flatten(trainable).items():
+        if is_pair(leaf):
+            out[p] = {"rank": int(leaf.rank), "a": list(np.shape(leaf.a)),
+                      "b": list(np.shape(leaf.b)), "scale": float(leaf.scale)}
+        else:
+            out[p] = {"shape": list(np.shape(leaf))}
+    return out
+
+
+def differences(saved: Mapping, current: Mapping) -> list[str]:
+    """The ways ``current`` meta differs from ``saved`` meta, one line each.
+
+    >>> differences({"lora": {"rank": 4}}, {"lora": {"rank": 8}})
+    ['lora.rank: checkpoint has 4, this run has 8']
+    """
+    lines = []
+    for section in ("lora", "adapters", "base"):
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(old) | set(new), key=str):
+            if key not in new:
+                lines.append(f"{section}.{key}: in the checkpoint, not in this run")
+            elif key not in old:
+                lines.append(f"{section}.{key}: in this run, not in the checkpoint")
+            elif old[key] != new[key]:
+                lines.append(f"{section}.{key}: checkpoint has {old[key]!r}, this run has "
+                             f"{new[key]!r}")
+    return lines
+
+
+def _check_directory(directory: pathlib.Path) -> None:
+    expected = ("expected a directory of orbax step folders (such as 100/), each holding the "
+                f"items {', '.join(ITEMS)}")
+    if directory.exists() and not directory.is_dir():
+        raise NotACheckpointDirectory(f"{directory} is not a checkpoint directory: it is a "
+                                      f"file; {expected}")
+    if not directory.is_dir():
+        return
+    foreign = sorted(e.name for e in directory.iterdir()
+                     if not (e.is_dir() and (_STEP_DIR.fullmatch(e.name)
+                                             or _TMP_DIR.fullmatch(e.name))))
+    if foreign:
+        raise NotACheckpointDirectory(
+            f"{directory} is not a checkpoint directory: it holds {', '.join(foreign[:10])}; "
+            + expected
+        )
+    for step_dir in directory.iterdir():
+        if _STEP_DIR.fullmatch(step_dir.name):
+            missing = [i for i in ITEMS if not (step_dir / i).is_dir()]
+            if missing:
+                raise NotACheckpointDirectory(
+                    f"{step_dir} is not a lowrank training checkpoint: it lacks "
+                    f"{', '.join(missing)}; {expected}"
+                )
+
+
+class Checkpointer:
+    """Saves and restores training checkpoints in ``directory``, keeping the last ``keep``.
+
+    Saving is asynchronous (the arrays are copied off the device first, so the next step may
+    reuse their buffers); call :meth:`close` at the end.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> ckpt = Checkpointer(tempfile.mkdtemp() + "/ckpt", keep=2)
+    >>> ckpt.save(1, {"w": jnp.ones(2)}, config={"seed": 0}, meta={"lora": {}})
+    >>> ckpt.latest_step()
+    1
+    >>> state, config, meta = ckpt.restore(jax.eval_shape(lambda: {"w": jnp.ones(2)}))
+    >>> state["w"].tolist(), config
+    ([1.0, 1.0], {'seed': 0})
+    >>> ckpt.close()
+    """
+
+    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3):
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"checkpoint keep must be an integer >= 1, got {keep!r}")
+        self.directory = pathlib.Path(directory).absolute()
+        _check_directory(self.directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every complete checkpoint's step, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, *, config: Mapping, meta: Mapping) -> None:
+        """Writes checkpoint ``step`` (in the background; later saves wait for it)."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(dict(config)),
+            meta=ocp.args.JsonSave({"format": FORMAT, **meta}),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The ``meta`` item of checkpoint ``step`` (default: the latest)."""
+        step = self._step(step)
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict]:
+        """``(state, config, meta)`` of checkpoint ``step`` (default: the latest).
+
+        ``abstract_state`` (``jax.eval_shape`` of the state's initialisation) gives the tree
+        structure and the static fields (``LoraPair.scale``...) that arrays alone do not hold.
+        """
+        step = self._step(step)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            config=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+        )
+        got = self.manager.restore(step, args=args)
+        return got["state"], got["config"], got["meta"]
+
+    def wait(self) -> None:
+        """Blocks until every save in flight is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for saves in flight and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _step(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+        if step is None or step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; steps: {self.all_steps()}"
+            )
+        return step

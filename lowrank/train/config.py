@@ -1,0 +1,109 @@
+"""The training config: every field ``train`` reads, with its default and meaning."""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from lowrank.spec import LoraSpec
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The default (locked) training config; assigning a key it lacks is an error that lists
+    the keys it has. Add task-specific fields with ``with config.unlocked(): ...``.
+
+    Fields:
+      task: import path of the task factory, "package.module:function"; it is called with the
+        config and returns a :class:`lowrank.train.Task` (model, base weights, data, loss).
+      seed: seeds the adapter initialisation, the per-step PRNG keys and the data order.
+      steps: optimizer steps in total (a resumed run continues up to it).
+      batch_size: examples per optimizer step (over all devices and micro-batches).
+      micro_batches: gradient accumulation: the batch is processed in this many equal parts
+        and their gradients averaged (memory of one part, result of the whole batch).
+      workdir: where checkpoints (``checkpoints/``), metrics (``metrics.jsonl``,
+        ``tensorboard/``) and the adapters export (``adapters/``) go; None writes nothing.
+      quiet: no progress bar (sweeps).
+      compute_dtype: "auto" (float32 on CPU, bfloat16 on GPU/TPU), "float32", "bfloat16",
+        "float16": the dtype of the forward and backward pass.
+      param_dtype: the dtype in which the trainable tree and its optimizer state are kept.
+      remat: recompute the forward pass in the backward pass instead of storing activations.
+      lora.*: the :class:`lowrank.LoraSpec` fields (rank, alpha, targets, exclude,
+        rank_pattern and alpha_pattern as tuples of (regex, value) pairs, dropout, init,
+        rslora, trainable).
+      optimizer.learning_rate, .schedule ("constant", "warmup_cosine", "linear"),
+        .warmup_steps, .end_learning_rate, .weight_decay, .loraplus_ratio, .clip_norm (None:
+        no clipping), .b1, .b2, .eps: AdamW from :func:`lowrank.optim.adamw`.
+      parallel.mode: "jit" (one device), "pmap" (data parallel over all devices) or "mesh"
+        (jit over a (data, fsdp) mesh; the frozen base is split along fsdp).
+      parallel.mesh_shape: (data, fsdp) sizes; one may be -1 for "the rest of the devices".
+      checkpoint.every: save every this many steps (and always at the end).
+      checkpoint.keep: how many of the newest checkpoints to keep.
+      checkpoint.resume: continue from the newest checkpoint in the workdir if there is one
+        (False with checkpoints present is an error, never a silent overwrite).
+      eval.every: evaluate every this many steps; 0 evaluates only at the end.
+      log.every: write the train metrics of every this many steps (checks every step's loss).
+      log.tensorboard: also write TensorBoard event files.
+      export_adapters: write the adapters-only export at the end.
+
+    >>> config = default_config()
+    >>> config.lora.rank = 4
+    >>> config.lora.rnak = 4
+    Traceback (most recent call last):
+    ...
+    AttributeError: ...
+    """
+    spec = LoraSpec()
+    config = ml_collections.ConfigDict()
+    config.task = "lowrank.train.toy:classifier"
+    config.seed = 0
+    config.steps = 100
+    config.batch_size = 32
+    config.micro_batches = 1
+    config.workdir = placeholder(str)
+    config.quiet = False
+    config.compute_dtype = "auto"
+    config.param_dtype = "float32"
+    config.remat = False
+    config.lora = ml_collections.ConfigDict(dict(
+        rank=spec.rank,
+        alpha=float(spec.alpha),
+        targets=spec.targets,
+        exclude=placeholder(str),
+        rank_pattern=(),
+        alpha_pattern=(),
+        dropout=spec.dropout,
+        init=spec.init,
+        rslora=spec.rslora,
+        trainable=placeholder(str),
+    ))
+    config.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3,
+        schedule="constant",
+        warmup_steps=0,
+        end_learning_rate=0.0,
+        weight_decay=0.0,
+        loraplus_ratio=1.0,
+        clip_norm=placeholder(float),
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+    ))
+    config.parallel = ml_collections.ConfigDict(dict(mode="jit", mesh_shape=(-1, 1)))
+    config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, resume=True))
+    config.eval = ml_collections.ConfigDict(dict(every=0))
+    config.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True))
+    config.export_adapters = True
+    config.lock()
+    return config
+
+
+def lora_spec(lora: ml_collections.ConfigDict) -> LoraSpec:
+    """The ``LoraSpec`` of ``config.lora``.
+
+    >>> lora_spec(default_config().lora).rank
+    8
+    """
+    fields = lora.to_dict()
+    for name in ("rank_pattern", "alpha_pattern"):
+        fields[name] = tuple(tuple(pair) for pair in fields[name])
+    return LoraSpec(**fields)

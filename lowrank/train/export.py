@@ -1,0 +1,98 @@
+"""Adapters-only export for sharing: ``adapters.safetensors`` plus ``adapters.json``.
+
+The safetensors file holds the arrays (``<path>/a`` and ``<path>/b`` for each adapter,
+``<path>`` for each full-rank trained leaf); the JSON file holds what arrays cannot: each
+adapter's scale, einsum equation and dropout, the LoRA settings, and the base the adapters
+were trained on (source and sha256). Neither file needs orbax, JAX or pickle to read.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from safetensors.flax import load_file, save_file
+
+from lowrank import paths
+from lowrank.lora import LoraPair, is_pair
+
+FORMAT = "lowrank-adapters"
+WEIGHTS = "adapters.safetensors"
+INDEX = "adapters.json"
+
+
+def export_adapters(
+    directory: str | pathlib.Path,
+    trainable: Mapping,
+    *,
+    lora: Mapping | None = None,
+    base: Mapping | None = None,
+) -> pathlib.Path:
+    """Writes the trainable tree to ``directory`` (created if needed); returns the directory.
+
+    Args:
+      trainable: the adapters tree (LoraPairs and full-rank leaves).
+      lora: the LoRA settings to record (e.g. the ``config.lora`` fields).
+      base: where the frozen base came from, e.g. ``{"source": ..., "sha256": ...}``.
+
+    >>> import tempfile
+    >>> pair = LoraPair(jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=2.0)
+    >>> out = export_adapters(tempfile.mkdtemp(), {"d": {"kernel": pair}})
+    >>> load_adapters(out)["d"]["kernel"].scale
+    2.0
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays, pairs, leaves = {}, {}, []
+    for p, leaf in paths.flatten(trainable).items():
+        if is_pair(leaf):
+            arrays[f"{p}/a"], arrays[f"{p}/b"] = jnp.asarray(leaf.a), jnp.asarray(leaf.b)
+            pairs[p] = {"scale": leaf.scale, "equation": leaf.equation, "dropout": leaf.dropout}
+        else:
+            arrays[p] = jnp.asarray(leaf)
+            leaves.append(p)
+    save_file(arrays, str(directory / WEIGHTS))
+    index = {"format": FORMAT, "version": 1, "pairs": pairs, "leaves": leaves,
+             "lora": dict(lora or {}), "base": dict(base or {})}
+    (directory / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
+    return directory
+
+
+def read_index(directory: str | pathlib.Path) -> dict:
+    """The JSON half of an export (settings and base), checked to be one.
+
+    >>> import tempfile
+    >>> read_index(export_adapters(tempfile.mkdtemp(), {"w": jnp.ones(2)}))["leaves"]
+    ['w']
+    """
+    path = pathlib.Path(directory) / INDEX
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: expected an adapters export ({INDEX} and {WEIGHTS}) "
+            "written by lowrank.train.export_adapters"
+        )
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a lowrank adapters export: format is "
+                         f"{index.get('format')!r}, expected {FORMAT!r}")
+    return index
+
+
+def load_adapters(directory: str | pathlib.Path) -> dict:
+    """The trainable tree written by :func:`export_adapters`, LoraPair statics included.
+
+    >>> import tempfile
+    >>> load_adapters(export_adapters(tempfile.mkdtemp(), {"w": jnp.ones(2)}))["w"].tolist()
+    [1.0, 1.0]
+    """
+    index = read_index(directory)
+    arrays: dict[str, Any] = load_file(str(pathlib.Path(directory) / WEIGHTS))
+    flat: dict[str, Any] = {}
+    for p, statics in index["pairs"].items():
+        flat[p] = LoraPair(arrays[f"{p}/a"], arrays[f"{p}/b"], **statics)
+    for p in index["leaves"]:
+        flat[p] = arrays[p]
+    return paths.unflatten(flat)

@@ -1,0 +1,330 @@
+"""``train(config)``: initialise or resume, run the steps, log, checkpoint, evaluate, export.
+
+The loop reads each step's metrics one step late, so the host never waits for the device
+except at checkpoints (where the step about to be saved must have a finite loss) and at the
+end; a non-finite loss stops training before anything computed from it is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from lowrank import optim
+from lowrank.lora import init_adapters
+from lowrank.train import checkpoint as ckpt_lib
+from lowrank.train.config import lora_spec
+from lowrank.train.evaluate import evaluate
+from lowrank.train.export import export_adapters
+from lowrank.train.metrics import MetricsWriter, Progress
+from lowrank.train.parallel import (
+    MODES,
+    PMAP_AXIS,
+    Runner,
+    jit_runner,
+    make_mesh,
+    mesh_runner,
+    pmap_runner,
+)
+from lowrank.train.precision import cast_floating, resolve_dtype
+from lowrank.train.schedules import make_schedule
+from lowrank.train.state import TrainState
+from lowrank.train.step import make_eval_step, make_loss_fn, make_train_step
+from lowrank.train.task import Task, load_task
+
+CHECKPOINTS = "checkpoints"
+ADAPTERS = "adapters"
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training stopped on a NaN or infinite loss; the checkpoints hold only finite steps."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` returns.
+
+    Attributes:
+      state: the final state (one copy, whatever the parallel mode).
+      metrics: the last step's train metrics (loss, grad_norm, learning_rate, throughput...).
+      eval_metrics: the last evaluation's metrics, or None without eval batches.
+      start_step: 0, or the checkpoint step the run resumed from.
+      loop_seconds: wall time of the steps after the first one this run (compilation
+        excluded), logging and checkpointing included.
+      timed_steps: how many steps ``loop_seconds`` covers.
+      workdir: where files were written, or None.
+    """
+
+    state: TrainState
+    metrics: dict[str, float]
+    eval_metrics: dict[str, float] | None
+    start_step: int
+    loop_seconds: float
+    timed_steps: int
+    workdir: str | None
+
+    @property
+    def trainable(self) -> Any:
+        return self.state.trainable
+
+
+def _positive_int(config: Any, name: str, minimum: int = 1) -> int:
+    value = config
+    for part in name.split("."):
+        value = value[part]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"config.{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_config(config: Any) -> None:
+    """Raises a ValueError naming the first field of ``config`` that ``train`` cannot use.
+
+    >>> from lowrank.train.config import default_config
+    >>> config = default_config()
+    >>> config.parallel.mode = "threads"
+    >>> check_config(config)
+    Traceback (most recent call last):
+    ...
+    ValueError: config.parallel.mode 'threads' is not one of ('jit', 'pmap', 'mesh')
+    """
+    for name in ("steps", "batch_size", "micro_batches", "checkpoint.every", "checkpoint.keep",
+                 "log.every"):
+        _positive_int(config, name)
+    _positive_int(config, "eval.every", minimum=0)
+    if config.parallel.mode not in MODES:
+        raise ValueError(f"config.parallel.mode {config.parallel.mode!r} is not one of {MODES}")
+    if config.batch_size % config.micro_batches:
+        raise ValueError(
+            f"config.batch_size {config.batch_size} does not split into config.micro_batches "
+            f"{config.micro_batches} equal parts: use a multiple of {config.micro_batches}"
+        )
+    resolve_dtype(config.compute_dtype)
+    resolve_dtype(config.param_dtype)
+
+
+def _runner(config: Any, loss_fn, tx, schedule) -> Runner:
+    mode = config.parallel.mode
+    step = make_train_step(loss_fn, tx, micro_batches=config.micro_batches, schedule=schedule,
+                           axis_name=PMAP_AXIS if mode == "pmap" else None)
+    if mode == "jit":
+        return jit_runner(step)
+    if mode == "pmap":
+        runner = pmap_runner(step)
+    else:
+        runner = mesh_runner(step, make_mesh(tuple(config.parallel.mesh_shape)))
+    per_device = config.batch_size // runner.devices
+    if config.batch_size % runner.devices or per_device % config.micro_batches:
+        raise ValueError(
+            f"config.batch_size {config.batch_size} does not split over {runner.devices} "
+            f"devices (parallel.mode={mode!r}) and then into {config.micro_batches} "
+            f"micro-batches: use a multiple of {runner.devices * config.micro_batches}"
+        )
+    return runner
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _check_batch(batch: Mapping, batch_size: int, step: int) -> None:
+    for name, value in batch.items():
+        if np.ndim(value) == 0 or np.shape(value)[0] != batch_size:
+            raise ValueError(
+                f"task.train_batch(seed, {step}) entry {name!r} has shape {np.shape(value)}: "
+                f"expected a leading axis of config.batch_size = {batch_size}"
+            )
+
+
+def train(config: Any, task: Task | None = None) -> TrainResult:
+    """Trains LoRA adapters as ``config`` says (see :func:`lowrank.train.default_config` for
+    every field), resuming from the newest checkpoint in ``config.workdir`` if there is one.
+
+    Args:
+      config: a config from :func:`lowrank.train.default_config`, edited.
+      task: the model, base weights, data and loss; default: built by ``config.task``.
+
+    Raises:
+      NonFiniteLoss: the loss became NaN or infinite (the checkpoints keep the last finite
+        step).
+      ValueError: a config value that cannot be used, or a checkpoint that does not fit this
+        run (a different rank, targets or base), each named.
+
+    >>> from lowrank.train.config import default_config
+    >>> config = default_config()
+    >>> config.steps, config.batch_size, config.quiet = 3, 8, True
+    >>> result = train(config)
+    >>> int(result.state.step), sorted(result.eval_metrics)
+    (3, ['accuracy', 'loss', 'weight'])
+    """
+    check_config(config)
+    task = task if task is not None else load_task(config)
+    spec = lora_spec(config.lora)
+    schedule = make_schedule(
+        config.optimizer.schedule, config.optimizer.learning_rate, steps=config.steps,
+        warmup_steps=config.optimizer.warmup_steps,
+        end_learning_rate=config.optimizer.end_learning_rate,
+    )
+    tx = optim.adamw(
+        schedule, weight_decay=config.optimizer.weight_decay,
+        loraplus_ratio=config.optimizer.loraplus_ratio, clip_norm=config.optimizer.clip_norm,
+        b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
+    )
+    init_key, step_key = jax.random.split(jax.random.key(config.seed))
+    trainable = init_adapters(init_key, task.params, spec, layouts=task.layouts)
+    trainable = cast_floating(trainable, resolve_dtype(config.param_dtype))
+    state = TrainState.create(trainable, tx, step_key)
+    meta = _json({
+        "lora": config.lora.to_dict(),
+        "adapters": ckpt_lib.adapter_summary(trainable),
+        "base": {"source": task.source, "sha256": ckpt_lib.fingerprint(task.params)},
+    })
+
+    workdir = pathlib.Path(config.workdir) if config.workdir else None
+    checkpointer = None
+    if workdir is not None:
+        checkpointer = ckpt_lib.Checkpointer(workdir / CHECKPOINTS, keep=config.checkpoint.keep)
+        state = _resume(checkpointer, config, state, meta)
+
+    loss_fn = make_loss_fn(task.model, task.forward, task.loss,
+                           compute_dtype=resolve_dtype(config.compute_dtype), remat=config.remat)
+    runner = _runner(config, loss_fn, tx, schedule)
+    eval_step = jax.jit(make_eval_step(loss_fn))
+    frozen = runner.place_frozen(task.params)
+    placed = runner.place_state(state)
+    start = int(state.step)
+    writer = MetricsWriter(workdir, start_step=start, tensorboard=config.log.tensorboard) \
+        if workdir is not None else None
+    progress = Progress(config.steps, start, quiet=config.quiet)
+    loop = _Loop(config, task, runner, checkpointer, writer, progress, meta, start)
+    try:
+        placed = loop.run(placed, frozen, eval_step)
+        final = runner.host_state(placed)
+        if checkpointer is not None and checkpointer.latest_step() != config.steps:
+            checkpointer.save(config.steps, final, config=loop.config_json, meta=meta)
+        if workdir is not None and config.export_adapters:
+            export_adapters(workdir / ADAPTERS, final.trainable, lora=meta["lora"],
+                            base=meta["base"])
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+        if checkpointer is not None:
+            checkpointer.close()
+    return TrainResult(final, loop.last_metrics, loop.eval_metrics, start, loop.loop_seconds,
+                       max(config.steps - start - 1, 0), str(workdir) if workdir else None)
+
+
+def _resume(checkpointer, config, state: TrainState, meta: dict) -> TrainState:
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return state
+    where = f"{checkpointer.directory} (step {latest})"
+    if not config.checkpoint.resume:
+        raise ValueError(
+            f"{where} holds checkpoints and config.checkpoint.resume is False: use a new "
+            "workdir, or resume"
+        )
+    diffs = ckpt_lib.differences(checkpointer.read_meta(latest), meta)
+    if diffs:
+        raise ValueError(f"cannot resume from {where}: this run differs from it:\n  "
+                         + "\n  ".join(diffs))
+    restored, _, _ = checkpointer.restore(jax.eval_shape(lambda: state), latest)
+    return restored
+
+
+class _Loop:
+    """The step loop's bookkeeping: one-step-late metrics, logging, checkpoints, eval."""
+
+    def __init__(self, config, task, runner, checkpointer, writer, progress, meta, start):
+        self.config, self.task, self.runner = config, task, runner
+        self.checkpointer, self.writer, self.progress = checkpointer, writer, progress
+        self.meta, self.start = meta, start
+        self.config_json = _json(json.loads(config.to_json_best_effort()))
+        self.last_metrics: dict[str, float] = {}
+        self.eval_metrics: dict[str, float] | None = None
+        self.loop_seconds = 0.0
+        self._first_done = None  # time the first step of this run finished (compile included)
+        self._last_time = None
+
+    def run(self, placed, frozen, eval_step):
+        config, runner = self.config, self.runner
+        pending = None
+        self._last_time = time.perf_counter()
+        for i in range(self.start, config.steps):
+            batch = self.task.train_batch(config.seed, i)
+            if i == self.start:
+                _check_batch(batch, config.batch_size, i)
+            placed, metrics = runner.step(placed, frozen, runner.place_batch(batch))
+            if pending is not None:
+                self._record(*pending)
+            pending = (i + 1, metrics)
+            done = i + 1
+            if done % config.checkpoint.every == 0 and self.checkpointer is not None:
+                self._record(*pending)
+                pending = None
+                self.checkpointer.save(done, runner.host_state(placed),
+                                       config=self.config_json, meta=self.meta)
+            if config.eval.every and done % config.eval.every == 0:
+                if pending is not None:
+                    self._record(*pending)
+                    pending = None
+                self._evaluate(placed, frozen, eval_step, done)
+        if pending is not None:
+            self._record(*pending)
+        if self._first_done is not None:
+            self.loop_seconds = time.perf_counter() - self._first_done
+        if self.task.eval_batches is not None and (
+            not config.eval.every or config.steps % config.eval.every
+        ):
+            self._evaluate(placed, frozen, eval_step, config.steps)
+        return placed
+
+    def _record(self, step: int, device_metrics) -> None:
+        metrics = {k: float(v) for k, v in jax.device_get(
+            self.runner.host_metrics(device_metrics)).items()}
+        now = time.perf_counter()
+        seconds, self._last_time = now - self._last_time, now
+        if self._first_done is None:
+            self._first_done = now
+        if not math.isfinite(metrics["loss"]):
+            self._stop_on_non_finite(step, metrics["loss"])
+        metrics["step_seconds"] = seconds
+        metrics["examples_per_second"] = self.config.batch_size / seconds
+        if self.task.loss == "lm" and "weight" in metrics:
+            metrics["tokens_per_second"] = metrics["weight"] / seconds
+        self.last_metrics = metrics
+        if self.writer is not None and (step % self.config.log.every == 0
+                                        or step == self.config.steps):
+            self.writer.write(step, metrics, prefix="train/")
+        self.progress.update(1, metrics)
+
+    def _stop_on_non_finite(self, step: int, loss: float) -> None:
+        where = "no checkpoint was written (config.workdir is None)"
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+            last = self.checkpointer.latest_step()
+            where = (f"the last good checkpoint is step {last} in {self.checkpointer.directory}"
+                     if last is not None else
+                     f"no checkpoint was written before it in {self.checkpointer.directory}")
+        raise NonFiniteLoss(
+            f"the training loss is {loss} at step {step} (computed on the batch of step "
+            f"{step - 1}): training stopped; {where}. Try a lower learning rate, gradient "
+            "clipping (optimizer.clip_norm), or check that batch"
+        )
+
+    def _evaluate(self, placed, frozen, eval_step, step: int) -> None:
+        if self.task.eval_batches is None:
+            return
+        trainable, frozen_view = self.runner.eval_view(placed, frozen)
+        self.eval_metrics = evaluate(eval_step, trainable, frozen_view, self.task.eval_batches())
+        if self.writer is not None:
+            self.writer.write(step, self.eval_metrics, prefix="eval/")

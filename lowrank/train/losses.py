@@ -1,0 +1,76 @@
+"""Losses over model outputs: ``fn(outputs, batch) -> (mean loss, metrics)``.
+
+Metrics are means over the batch, plus ``weight``: how many examples (or target tokens) those
+means are over, so that evaluation can combine batches of different sizes exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LossFn = Callable[[Any, Mapping[str, Any]], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def classification_loss(logits: jax.Array, batch: Mapping[str, Any]):
+    """Softmax cross-entropy against ``batch["labels"]`` (integers ``[B]``), and accuracy.
+
+    >>> logits = jnp.array([[2.0, 0.0], [0.0, 2.0]])
+    >>> loss, metrics = classification_loss(logits, {"labels": jnp.array([0, 0])})
+    >>> float(metrics["accuracy"]), float(metrics["weight"])
+    (0.5, 2.0)
+    """
+    labels = batch["labels"]
+    logits = logits.astype(jnp.float32)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"classification logits {logits.shape} do not fit labels {labels.shape}: "
+            "expected logits [batch, classes] for labels [batch]"
+        )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    accuracy = (logits.argmax(-1) == labels).mean()
+    return loss, {"accuracy": accuracy, "weight": jnp.float32(labels.size)}
+
+
+def lm_loss(logits: jax.Array, batch: Mapping[str, Any]):
+    """Next-token cross-entropy against ``batch["targets"]`` (``[B, T]``), averaged over the
+    tokens where the optional ``batch["mask"]`` is 1; perplexity is ``exp`` of it.
+
+    >>> logits = jnp.zeros((1, 3, 4))  # uniform over 4 tokens
+    >>> loss, metrics = lm_loss(logits, {"targets": jnp.array([[1, 2, 3]])})
+    >>> round(float(metrics["perplexity"]), 4), float(metrics["weight"])
+    (4.0, 3.0)
+    """
+    targets = batch["targets"]
+    logits = logits.astype(jnp.float32)
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"LM logits {logits.shape} do not fit targets {targets.shape}: expected logits "
+            "[batch, time, vocab] for targets [batch, time]"
+        )
+    mask = batch.get("mask")
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    tokens = mask.sum()
+    loss = (nll * mask).sum() / jnp.maximum(tokens, 1.0)
+    return loss, {"perplexity": jnp.exp(loss), "weight": tokens}
+
+
+LOSSES: dict[str, LossFn] = {"classification": classification_loss, "lm": lm_loss}
+
+
+def get_loss(loss: str | LossFn) -> LossFn:
+    """A loss by name ("classification", "lm"), or the callable itself.
+
+    >>> get_loss("lm") is lm_loss
+    True
+    """
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; accepted: {tuple(LOSSES)} or a callable")
+    return LOSSES[loss]
