@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lowrank import optim
+from lowrank import optim, quant
 from lowrank.lora import init_adapters
 from lowrank.train import checkpoint as ckpt_lib
 from lowrank.train.config import lora_spec
@@ -131,6 +132,18 @@ def _runner(config: Any, loss_fn, tx, schedule) -> Runner:
     return runner
 
 
+def _dense_view(frozen: Any) -> Any:
+    """``frozen`` with each quantized weight replaced by zeros of its logical shape and dtype.
+
+    ``init_adapters`` reads only a target's shape and dtype, but cannot read them off a
+    ``QuantizedArray`` yet; under jit the zeros are never materialised.
+    """
+    return jax.tree.map(
+        lambda x: jnp.zeros(quant.logical_shape(x), x.dtype) if quant.is_quantized(x) else x,
+        frozen, is_leaf=quant.is_quantized,
+    )
+
+
 def _json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
@@ -178,35 +191,42 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
         loraplus_ratio=config.optimizer.loraplus_ratio, clip_norm=config.optimizer.clip_norm,
         b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
     )
-    init_key, step_key = jax.random.split(jax.random.key(config.seed))
-    trainable = init_adapters(init_key, task.params, spec, layouts=task.layouts)
-    trainable = cast_floating(trainable, resolve_dtype(config.param_dtype))
-    state = TrainState.create(trainable, tx, step_key)
-    meta = _json({
-        "lora": config.lora.to_dict(),
-        "adapters": ckpt_lib.adapter_summary(trainable),
-        "base": {"source": task.source, "sha256": ckpt_lib.fingerprint(task.params)},
-    })
-
-    workdir = pathlib.Path(config.workdir) if config.workdir else None
-    checkpointer = None
-    if workdir is not None:
-        checkpointer = ckpt_lib.Checkpointer(workdir / CHECKPOINTS, keep=config.checkpoint.keep)
-        state = _resume(checkpointer, config, state, meta)
-
     loss_fn = make_loss_fn(task.model, task.forward, task.loss,
                            compute_dtype=resolve_dtype(config.compute_dtype), remat=config.remat)
     runner = _runner(config, loss_fn, tx, schedule)
-    eval_step = jax.jit(make_eval_step(loss_fn))
-    frozen = runner.place_frozen(task.params)
-    placed = runner.place_state(state)
-    start = int(state.step)
-    writer = MetricsWriter(workdir, start_step=start, tensorboard=config.log.tensorboard) \
-        if workdir is not None else None
-    progress = Progress(config.steps, start, quiet=config.quiet)
-    loop = _Loop(config, task, runner, checkpointer, writer, progress, meta, start)
+    param_dtype = resolve_dtype(config.param_dtype)
+
+    @jax.jit  # one compilation instead of one per small eager op
+    def init_state(key, params):
+        init_key, step_key = jax.random.split(key)
+        trainable = init_adapters(init_key, _dense_view(params), spec, layouts=task.layouts)
+        return TrainState.create(cast_floating(trainable, param_dtype), tx, step_key)
+
+    key = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init_state, key, task.params)
+    meta = _json({
+        "lora": config.lora.to_dict(),
+        "adapters": ckpt_lib.adapter_summary(abstract.trainable),
+        "base": {"source": task.source, "sha256": ckpt_lib.fingerprint(task.params)},
+    })
+    workdir = pathlib.Path(config.workdir) if config.workdir else None
+    checkpointer = writer = progress = None
     try:
-        placed = loop.run(placed, frozen, eval_step)
+        state = None
+        if workdir is not None:
+            checkpointer = ckpt_lib.Checkpointer(workdir / CHECKPOINTS,
+                                                 keep=config.checkpoint.keep)
+            state = _resume(checkpointer, config, abstract, meta)
+        if state is None:
+            state = init_state(key, task.params)
+        start = int(state.step)
+        if workdir is not None:
+            writer = MetricsWriter(workdir, start_step=start,
+                                   tensorboard=config.log.tensorboard)
+        progress = Progress(config.steps, start, quiet=config.quiet)
+        loop = _Loop(config, task, runner, checkpointer, writer, progress, meta, start)
+        placed = loop.run(runner.place_state(state), runner.place_frozen(task.params),
+                          jax.jit(make_eval_step(loss_fn)))
         final = runner.host_state(placed)
         if checkpointer is not None and checkpointer.latest_step() != config.steps:
             checkpointer.save(config.steps, final, config=loop.config_json, meta=meta)
@@ -214,19 +234,18 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
             export_adapters(workdir / ADAPTERS, final.trainable, lora=meta["lora"],
                             base=meta["base"])
     finally:
-        progress.close()
-        if writer is not None:
-            writer.close()
-        if checkpointer is not None:
-            checkpointer.close()
+        for resource in (progress, writer, checkpointer):
+            if resource is not None:
+                resource.close()
     return TrainResult(final, loop.last_metrics, loop.eval_metrics, start, loop.loop_seconds,
                        max(config.steps - start - 1, 0), str(workdir) if workdir else None)
 
 
-def _resume(checkpointer, config, state: TrainState, meta: dict) -> TrainState:
+def _resume(checkpointer, config, abstract: TrainState, meta: dict) -> TrainState | None:
+    """The state of the newest checkpoint (None when there is none), checked to fit."""
     latest = checkpointer.latest_step()
     if latest is None:
-        return state
+        return None
     where = f"{checkpointer.directory} (step {latest})"
     if not config.checkpoint.resume:
         raise ValueError(
@@ -237,7 +256,7 @@ def _resume(checkpointer, config, state: TrainState, meta: dict) -> TrainState:
     if diffs:
         raise ValueError(f"cannot resume from {where}: this run differs from it:\n  "
                          + "\n  ".join(diffs))
-    restored, _, _ = checkpointer.restore(jax.eval_shape(lambda: state), latest)
+    restored, _, _ = checkpointer.restore(abstract, latest)
     return restored
 
 

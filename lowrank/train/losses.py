@@ -1,7 +1,9 @@
 """Losses over model outputs: ``fn(outputs, batch) -> (mean loss, metrics)``.
 
 Metrics are means over the batch, plus ``weight``: how many examples (or target tokens) those
-means are over, so that evaluation can combine batches of different sizes exactly.
+means are over, so that evaluation can combine batches of different sizes exactly. Rows where
+an optional ``batch["valid"]`` is False (the padding of ``lowrank.data.eval_batches``) count
+for nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import jax.numpy as jnp
 import optax
 
 LossFn = Callable[[Any, Mapping[str, Any]], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _valid(batch: Mapping[str, Any], shape: tuple[int, ...]) -> jax.Array:
+    valid = batch.get("valid")
+    return jnp.ones(shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
 
 
 def classification_loss(logits: jax.Array, batch: Mapping[str, Any]):
@@ -31,14 +38,18 @@ def classification_loss(logits: jax.Array, batch: Mapping[str, Any]):
             f"classification logits {logits.shape} do not fit labels {labels.shape}: "
             "expected logits [batch, classes] for labels [batch]"
         )
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    accuracy = (logits.argmax(-1) == labels).mean()
-    return loss, {"accuracy": accuracy, "weight": jnp.float32(labels.size)}
+    valid = _valid(batch, labels.shape)
+    count = valid.sum()
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    loss = (nll * valid).sum() / jnp.maximum(count, 1.0)
+    accuracy = ((logits.argmax(-1) == labels) * valid).sum() / jnp.maximum(count, 1.0)
+    return loss, {"accuracy": accuracy, "weight": count}
 
 
 def lm_loss(logits: jax.Array, batch: Mapping[str, Any]):
     """Next-token cross-entropy against ``batch["targets"]`` (``[B, T]``), averaged over the
-    tokens where the optional ``batch["mask"]`` is 1; perplexity is ``exp`` of it.
+    tokens where the optional ``batch["mask"]`` (``[B, T]``) is 1 and ``batch["valid"]``
+    (``[B]``) is True; perplexity is ``exp`` of it.
 
     >>> logits = jnp.zeros((1, 3, 4))  # uniform over 4 tokens
     >>> loss, metrics = lm_loss(logits, {"targets": jnp.array([[1, 2, 3]])})
@@ -52,8 +63,9 @@ def lm_loss(logits: jax.Array, batch: Mapping[str, Any]):
             f"LM logits {logits.shape} do not fit targets {targets.shape}: expected logits "
             "[batch, time, vocab] for targets [batch, time]"
         )
-    mask = batch.get("mask")
-    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    mask = _valid(batch, targets.shape[:1])[:, None] * jnp.ones(targets.shape, jnp.float32)
+    if batch.get("mask") is not None:
+        mask = mask * batch["mask"].astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     tokens = mask.sum()
     loss = (nll * mask).sum() / jnp.maximum(tokens, 1.0)

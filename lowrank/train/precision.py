@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -27,15 +28,19 @@ def resolve_dtype(name: str) -> jnp.dtype:
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
-    """Casts every floating-point array of ``tree`` to ``dtype``; integer arrays and quantized
-    arrays (whose codes and scales must stay as they are) are left alone.
+    """Casts every floating-point array of ``tree`` to ``dtype``, integer arrays aside. A
+    quantized array keeps its codes and scales and is told to dequantize to ``dtype``.
 
     >>> cast_floating({"w": jnp.ones(2), "ids": jnp.ones(2, jnp.int32)}, jnp.bfloat16)["w"].dtype
     dtype(bfloat16)
     """
 
+    name = jnp.dtype(dtype).name
+
     def cast(x):
-        if quant.is_quantized(x) or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        if quant.is_quantized(x):
+            return dataclasses.replace(x, compute_dtype=name)
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             return x
         return jnp.asarray(x).astype(dtype)
 

@@ -3,7 +3,8 @@
 ``classifier``: an MLP labels Gaussian features by a fixed random teacher (learnable).
 ``lm``: an embedding-MLP language model on sequences that count up modulo the vocabulary.
 Both read optional settings from ``config.toy`` (width, depth, features, classes, vocab,
-length, base_seed, eval_batches). Batches are a function of (seed, step) alone.
+length, base_seed, examples, eval_examples). Batches come from ``lowrank.data``: training
+batch ``step`` is ``batch_at(dataset, step, batch_size, seed)``, a function of (seed, step).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank import data
 from lowrank.train.task import Task
 
 _DEFAULTS = dict(
-    width=32, depth=2, features=16, classes=8, vocab=32, length=8, base_seed=0, eval_batches=2
+    width=32, depth=2, features=16, classes=8, vocab=32, length=8, base_seed=0, examples=512,
+    eval_examples=64,
 )
-_EVAL_SEED = 1_000_003  # eval data never coincides with a training seed's batches
 
 
 def _settings(config: Any) -> dict:
@@ -62,8 +64,20 @@ class TinyLM(nn.Module):
         return embed.attend(x)
 
 
-def _rng(seed: int, step: int) -> np.random.Generator:
-    return np.random.default_rng([seed, step])
+def _task(config, model, params, make_dataset, loss, source) -> Task:
+    s = _settings(config)
+    rng = np.random.default_rng(s["base_seed"])
+    train_set, eval_set = make_dataset(rng, s["examples"]), make_dataset(rng, s["eval_examples"])
+    batch_size = config.batch_size
+
+    def train_batch(seed: int, step: int) -> dict:
+        return data.batch_at(train_set, step, batch_size, seed)
+
+    def eval_batches():
+        return data.eval_batches(eval_set, batch_size)
+
+    settings = ", ".join(f"{k}={v}" for k, v in s.items())
+    return Task(model, params, train_batch, loss, eval_batches, source=f"{source}({settings})")
 
 
 def classifier(config: Any) -> Task:
@@ -76,21 +90,16 @@ def classifier(config: Any) -> Task:
     ((8, 16), True)
     """
     s = _settings(config)
-    batch_size = config.batch_size
     model = MLP(s["width"], s["depth"], s["classes"])
-    x0 = jnp.zeros((1, s["features"]))
-    params = model.init(jax.random.key(s["base_seed"]), x0)["params"]
-    teacher = np.random.default_rng(s["base_seed"]).normal(size=(s["features"], s["classes"]))
+    params = jax.jit(model.init)(jax.random.key(s["base_seed"]), jnp.zeros((1, s["features"])))
+    params = params["params"]
+    teacher = np.random.default_rng(s["base_seed"] + 1).normal(size=(s["features"], s["classes"]))
 
-    def batch(seed: int, step: int) -> dict:
-        x = _rng(seed, step).normal(size=(batch_size, s["features"])).astype(np.float32)
+    def dataset(rng, n):
+        x = rng.normal(size=(n, s["features"])).astype(np.float32)
         return {"inputs": x, "labels": (x @ teacher).argmax(-1).astype(np.int32)}
 
-    def eval_batches():
-        return [batch(_EVAL_SEED, i) for i in range(s["eval_batches"])]
-
-    source = f"lowrank.train.toy:classifier({', '.join(f'{k}={v}' for k, v in s.items())})"
-    return Task(model, params, batch, "classification", eval_batches, source=source)
+    return _task(config, model, params, dataset, "classification", "lowrank.train.toy:classifier")
 
 
 def lm(config: Any) -> Task:
@@ -103,18 +112,13 @@ def lm(config: Any) -> Task:
     True
     """
     s = _settings(config)
-    batch_size = config.batch_size
     model = TinyLM(s["vocab"], s["width"], s["depth"])
-    params = model.init(jax.random.key(s["base_seed"]), jnp.zeros((1, s["length"]), jnp.int32))
+    tokens = jnp.zeros((1, s["length"]), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(s["base_seed"]), tokens)["params"]
     positions = np.arange(s["length"] + 1)
 
-    def batch(seed: int, step: int) -> dict:
-        start = _rng(seed, step).integers(0, s["vocab"], size=(batch_size, 1))
-        seq = ((start + positions) % s["vocab"]).astype(np.int32)
-        return {"inputs": seq[:, :-1], "targets": seq[:, 1:]}
+    def dataset(rng, n):
+        seq = ((rng.integers(0, s["vocab"], size=(n, 1)) + positions) % s["vocab"])
+        return {"inputs": seq[:, :-1].astype(np.int32), "targets": seq[:, 1:].astype(np.int32)}
 
-    def eval_batches():
-        return [batch(_EVAL_SEED, i) for i in range(s["eval_batches"])]
-
-    source = f"lowrank.train.toy:lm({', '.join(f'{k}={v}' for k, v in s.items())})"
-    return Task(model, params["params"], batch, "lm", eval_batches, source=source)
+    return _task(config, model, params, dataset, "lm", "lowrank.train.toy:lm")
