@@ -14,6 +14,7 @@ import numpy as np
 from lowrank import paths
 from lowrank.layers import Factorization
 from lowrank.quant.array import (
+    QuantizedArray,
     check_block_size,
     dequantize,
     is_quantized,
@@ -162,27 +163,41 @@ def quantize_tree(params: Mapping, spec: QuantSpec | None = None, *,
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     inner = paths.params_of(params)
-    flat = paths.flatten(inner)
     out: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        layout = None
-        if not is_quantized(leaf):
-            ndim = np.ndim(leaf)
-            if layouts is not None and path in layouts:
-                layout = layout_from_factorization(ndim, layouts[path])
-            else:
-                layout = layout_fn(path, ndim, spec)
-        if layout is None:
-            out[path] = leaf
-            continue
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            raise TypeError(f"cannot quantize {path!r}: dtype {jnp.result_type(leaf)} is not a "
-                            "float dtype; exclude it from QuantSpec.targets / extra")
-        out[path] = quantize(leaf, spec.fmt, spec.block_size, spec.double_quant,
-                             perm=layout.perm, stack_axes=layout.stack_axes,
-                             compute_dtype=spec.compute_dtype)
+    for path, leaf in paths.flatten(inner).items():
+        layout = None if is_quantized(leaf) else layout_for(path, leaf, spec, layouts, layout_fn)
+        out[path] = leaf if layout is None else quantize_leaf(path, leaf, spec, layout)
     tree = paths.unflatten(out)
     return {"params": tree} if inner is not params else tree
+
+
+def layout_for(path: str, leaf: Any, spec: QuantSpec,
+               layouts: Mapping[str, Factorization] | None = None,
+               layout_fn: LayoutFn = default_layout) -> Layout | None:
+    """The layout `quantize_tree` gives the leaf at `path` (None: left unquantized).
+
+    Example:
+      >>> layout_for("fc/kernel", jnp.ones((3, 8, 4)), QuantSpec(stacked="fc/.*"))
+      Layout(stack_axes=1, perm=(1, 0))
+    """
+    ndim = np.ndim(leaf)
+    if layouts is not None and path in layouts:
+        return layout_from_factorization(ndim, layouts[path])
+    return layout_fn(path, ndim, spec)
+
+
+def quantize_leaf(path: str, leaf: jax.Array, spec: QuantSpec, layout: Layout) -> QuantizedArray:
+    """Quantizes one leaf of a tree as `spec` and `layout` say (`path` names it in errors).
+
+    Example:
+      >>> quantize_leaf("fc/kernel", jnp.ones((64, 4)), QuantSpec(), Layout(0, (1, 0))).shape
+      (64, 4)
+    """
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        raise TypeError(f"cannot quantize {path!r}: dtype {jnp.result_type(leaf)} is not a "
+                        "float dtype; exclude it from QuantSpec.targets / extra")
+    return quantize(leaf, spec.fmt, spec.block_size, spec.double_quant, perm=layout.perm,
+                    stack_axes=layout.stack_axes, compute_dtype=spec.compute_dtype)
 
 
 def dequantize_tree(tree: Any, dtype: Any = None) -> Any:
