@@ -11,7 +11,14 @@ from lowrank.train.checkpoint import Checkpointer, NotACheckpointDirectory, fing
 from lowrank.train.config import default_config, lora_spec
 from lowrank.train.evaluate import evaluate
 from lowrank.train.export import export_adapters, load_adapters
-from lowrank.train.loop import NonFiniteLoss, TrainResult, check_config, train
+from lowrank.train.loop import (
+    NonFiniteLoss,
+    TrainResult,
+    check_config,
+    init_state,
+    optimizer,
+    train,
+)
 from lowrank.train.losses import classification_loss, lm_loss
 from lowrank.train.metrics import MetricsWriter, Progress, read_jsonl
 from lowrank.train.parallel import (
@@ -49,6 +56,7 @@ __all__ = [
     "export_adapters",
     "fingerprint",
     "fsdp_shardings",
+    "init_state",
     "jit_runner",
     "lm_loss",
     "load_adapters",
@@ -60,6 +68,7 @@ __all__ = [
     "make_schedule",
     "make_train_step",
     "mesh_runner",
+    "optimizer",
     "pmap_runner",
     "read_jsonl",
     "resolve_dtype",

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from lowrank import optim, quant
 from lowrank.lora import init_adapters
@@ -157,6 +158,49 @@ def _check_batch(batch: Mapping, batch_size: int, step: int) -> None:
             )
 
 
+def optimizer(config: Any) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """The learning-rate schedule and the AdamW of ``config.optimizer``.
+
+    >>> from lowrank.train.config import default_config
+    >>> schedule, tx = optimizer(default_config())
+    >>> float(schedule(0))
+    0.001
+    """
+    o = config.optimizer
+    schedule = make_schedule(o.schedule, o.learning_rate, steps=config.steps,
+                             warmup_steps=o.warmup_steps, end_learning_rate=o.end_learning_rate)
+    tx = optim.adamw(schedule, weight_decay=o.weight_decay, loraplus_ratio=o.loraplus_ratio,
+                     clip_norm=o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps)
+    return schedule, tx
+
+
+def init_state(config: Any, task: Task) -> TrainState:
+    """A run's state at step 0: adapters initialised from ``config.seed`` as ``config.lora``
+    says, in ``config.param_dtype``, with their optimizer state and the run's PRNG key.
+
+    ``jax.eval_shape(lambda: init_state(config, task))`` is the abstract state that
+    :meth:`Checkpointer.restore` needs.
+
+    >>> from lowrank.train import toy
+    >>> from lowrank.train.config import default_config
+    >>> config = default_config()
+    >>> state = init_state(config, toy.classifier(config))
+    >>> state.trainable["hidden_0"]["kernel"].rank, int(state.step)
+    (8, 0)
+    """
+    spec = lora_spec(config.lora)
+    _, tx = optimizer(config)
+    param_dtype = resolve_dtype(config.param_dtype)
+
+    @jax.jit  # one compilation instead of one per small eager op
+    def init(key, params):
+        init_key, step_key = jax.random.split(key)
+        trainable = init_adapters(init_key, _dense_view(params), spec, layouts=task.layouts)
+        return TrainState.create(cast_floating(trainable, param_dtype), tx, step_key)
+
+    return init(jax.random.key(config.seed), task.params)
+
+
 def train(config: Any, task: Task | None = None) -> TrainResult:
     """Trains LoRA adapters as ``config`` says (see :func:`lowrank.train.default_config` for
     every field), resuming from the newest checkpoint in ``config.workdir`` if there is one.
@@ -180,30 +224,11 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
     """
     check_config(config)
     task = task if task is not None else load_task(config)
-    spec = lora_spec(config.lora)
-    schedule = make_schedule(
-        config.optimizer.schedule, config.optimizer.learning_rate, steps=config.steps,
-        warmup_steps=config.optimizer.warmup_steps,
-        end_learning_rate=config.optimizer.end_learning_rate,
-    )
-    tx = optim.adamw(
-        schedule, weight_decay=config.optimizer.weight_decay,
-        loraplus_ratio=config.optimizer.loraplus_ratio, clip_norm=config.optimizer.clip_norm,
-        b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
-    )
+    schedule, tx = optimizer(config)
     loss_fn = make_loss_fn(task.model, task.forward, task.loss,
                            compute_dtype=resolve_dtype(config.compute_dtype), remat=config.remat)
     runner = _runner(config, loss_fn, tx, schedule)
-    param_dtype = resolve_dtype(config.param_dtype)
-
-    @jax.jit  # one compilation instead of one per small eager op
-    def init_state(key, params):
-        init_key, step_key = jax.random.split(key)
-        trainable = init_adapters(init_key, _dense_view(params), spec, layouts=task.layouts)
-        return TrainState.create(cast_floating(trainable, param_dtype), tx, step_key)
-
-    key = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init_state, key, task.params)
+    abstract = jax.eval_shape(lambda: init_state(config, task))
     meta = _json({
         "lora": config.lora.to_dict(),
         "adapters": ckpt_lib.adapter_summary(abstract.trainable),
@@ -218,7 +243,7 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
                                                  keep=config.checkpoint.keep)
             state = _resume(checkpointer, config, abstract, meta)
         if state is None:
-            state = init_state(key, task.params)
+            state = init_state(config, task)
         start = int(state.step)
         if workdir is not None:
             writer = MetricsWriter(workdir, start_step=start,
@@ -292,6 +317,8 @@ class _Loop:
                 pending = None
                 self.checkpointer.save(done, runner.host_state(placed),
                                        config=self.config_json, meta=self.meta)
+                if self.writer is not None:
+                    self.writer.flush()
             if config.eval.every and done % config.eval.every == 0:
                 if pending is not None:
                     self._record(*pending)

@@ -15,9 +15,17 @@ TENSORBOARD = "tensorboard"
 
 
 def _drop_after(path: pathlib.Path, step: int) -> None:
-    # A run killed after its last checkpoint logged steps that the resumed run logs again.
-    lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(line for line in lines if json.loads(line).get("step", 0) <= step))
+    # A run killed after its last checkpoint logged steps that the resumed run logs again,
+    # and perhaps half a line.
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith("\n") and record.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(kept))
 
 
 class MetricsWriter:
@@ -25,7 +33,8 @@ class MetricsWriter:
     writes the same scalars to TensorBoard under ``<directory>/tensorboard``.
 
     ``start_step``: records after it (left by a run killed after its last checkpoint) are
-    dropped, so a resumed run's logs read as one run's.
+    dropped, so a resumed run's logs read as one run's. Call :meth:`flush` when saving a
+    checkpoint, so that a killed run's logs reach at least its last checkpoint.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
