@@ -1,0 +1,2 @@
+"""Experiment configs (ml_collections ``get_config()``, each with a ``:tiny`` variant) and the
+task factories they name (``configs.tasks``)."""

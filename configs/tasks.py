@@ -1,0 +1,345 @@
+"""Task factories the experiment configs name: BERT on BBC News, a Llama-style LM on a domain
+shift. Each turns a config into a :class:`lowrank.train.Task`; :func:`build` also returns
+facts about the frozen base (parameters, bits per parameter, quantization error) for the
+results database, and :func:`training_config` resolves ``method`` / ``adapt`` into the
+``lora`` fields ``lowrank.train.train`` reads.
+
+Baselines: ``LoraSpec`` needs at least one target, so "full" and "head" runs adapt a 1x1
+placeholder weight (``NO_ADAPTER``) that the forward pass drops; its two parameters are
+left out of every count. (A ``LoraSpec`` with no targets would remove this.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import lowrank as lr
+from configs.common import QUANT_TARGETS, TARGET_SETS, check_experiment_fields
+from lowrank import data, models, quant
+from lowrank.assets import cache_dir, minilm_dir
+from lowrank.train import Task, default_config, train
+
+NO_ADAPTER = "no_adapter"
+_PLACEHOLDER = NO_ADAPTER + "/kernel"
+_NOT_PLACEHOLDER = rf"(?!{NO_ADAPTER}/).*"
+HEADS = {"bert": r"classifier/.*", "llama": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseInfo:
+    """Facts about a task's frozen base, for the results database.
+
+    Attributes:
+      base_params: parameters of the model (placeholder excluded).
+      bits_per_param: bits the frozen model tree stores per parameter (float32 leaves: 32).
+      quant_bits_per_param: the same over the quantized weights only (nan when none).
+      weight_rmse: root-mean-square error of the dequantized weights against the originals
+        (0 when nothing is quantized).
+      quantized_params: how many parameters are stored quantized.
+    """
+
+    base_params: int
+    bits_per_param: float
+    quant_bits_per_param: float
+    weight_rmse: float
+    quantized_params: int
+
+
+def family_of(config: Any) -> str:
+    """"bert" or "llama": which model family the config's task builds.
+
+    >>> family_of(ml_collections.ConfigDict({"task": "configs.tasks:lm_domain"}))
+    'llama'
+    """
+    return "llama" if config.task.endswith(":lm_domain") else "bert"
+
+
+def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose ``lora`` fields say what ``method`` and ``adapt`` mean:
+    LoRA on ``TARGET_SETS[family][adapt]``; or, for "full" and "head", only the placeholder
+    adapted and every weight ("full") or the head ("head") trained.
+
+    >>> from configs.common import base_config
+    >>> c = base_config("configs.tasks:bbc_classifier"); c.adapt = "q"
+    >>> training_config(c).lora.targets
+    'bert/encoder/layer_\\\\d+/attention/self/query/kernel'
+    """
+    family = family_of(config)
+    check_experiment_fields(config, family)
+    config = config.copy_and_resolve_references()
+    lora = config.lora
+    if config.method == "lora":
+        if config.adapt != "custom":
+            lora.targets = TARGET_SETS[family][config.adapt]
+        return config
+    if config.quant.fmt != "none":
+        raise ValueError(f"config.method {config.method!r} trains the base weights, which "
+                         f"cannot be stored quantized (config.quant.fmt {config.quant.fmt!r}): "
+                         "use quant.fmt='none'")
+    if config.method == "head" and HEADS[family] is None:
+        raise ValueError(f"config.method 'head' needs a classifier head; the {family} task "
+                         "has none: use 'lora' or 'full'")
+    lora.targets, lora.rank, lora.exclude = _PLACEHOLDER, 1, None
+    lora.rank_pattern, lora.alpha_pattern = (), ()
+    lora.trainable = _NOT_PLACEHOLDER if config.method == "full" else HEADS[family]
+    return config
+
+
+def count_trainable(trainable: Any) -> int:
+    """Parameters of a trainable tree, the baselines' placeholder adapter excluded.
+
+    >>> count_trainable({"no_adapter": {"kernel": 0}, "w": jnp.ones(3)})
+    3
+    """
+    tree = {k: v for k, v in trainable.items() if k != NO_ADAPTER}
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
+
+def _drop_placeholder(tree: Any) -> Any:
+    return {k: v for k, v in tree.items() if k != NO_ADAPTER}
+
+
+def _with_placeholder(params: dict, config: Any) -> dict:
+    if config.method == "lora":
+        return params
+    return {**params, NO_ADAPTER: {"kernel": jnp.zeros((1, 1), jnp.float32)}}
+
+
+def _quantize(params: dict, config: Any, family: str) -> tuple[dict, BaseInfo]:
+    q = config.quant
+    frozen = params
+    if q.fmt != "none":
+        spec = quant.QuantSpec(q.fmt, block_size=q.block_size, double_quant=q.double_quant,
+                               targets=QUANT_TARGETS[family])
+        frozen = quant.quantize_tree(params, spec)
+    sq_err, n_quant, quant_bytes = 0.0, 0, 0
+    flat, flat_q = lr.paths.flatten(params), lr.paths.flatten(frozen)
+    for path, leaf in flat_q.items():
+        if quant.is_quantized(leaf):
+            diff = quant.dequantize(leaf, jnp.float32) - flat[path]
+            sq_err += float(jnp.sum(diff * diff))
+            n_quant += leaf.size
+            quant_bytes += leaf.nbytes
+    report = quant.memory_report(frozen)
+    info = BaseInfo(
+        base_params=report.params,
+        bits_per_param=report.bits_per_param,
+        quant_bits_per_param=8.0 * quant_bytes / n_quant if n_quant else float("nan"),
+        weight_rmse=(sq_err / n_quant) ** 0.5 if n_quant else 0.0,
+        quantized_params=n_quant,
+    )
+    return frozen, info
+
+
+def _atomic_write_npz(path: Path, arrays: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=4)
+def bbc_arrays(max_length: int) -> dict[str, dict[str, np.ndarray]]:
+    """The BBC News splits tokenized by MiniLM's tokenizer to ``max_length`` tokens:
+    ``{split: {"input_ids", "attention_mask", "labels"}}``, cached on disk by split digest.
+
+    >>> bbc_arrays(32)["test"]["input_ids"].shape  # doctest: +SKIP
+    (222, 32)
+    """
+    splits = data.split_bbc(data.load_bbc())
+    file = cache_dir() / "bbc_tokens" / f"{data.split_digest(splits)[:16]}_L{max_length}.npz"
+    if not file.is_file():
+        tok = data.load_tokenizer(minilm_dir(), max_length=max_length)
+        flat = {}
+        for name, split in splits.items():
+            arrays = data.classification_arrays(split, tok)
+            for key in ("input_ids", "attention_mask", "labels"):
+                flat[f"{name}/{key}"] = arrays[key]
+        _atomic_write_npz(file, flat)
+    with np.load(file, allow_pickle=False) as z:
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for key in z.files:
+            split, name = key.split("/")
+            out.setdefault(split, {})[name] = z[key]
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _bert_base(name: str, num_labels: int, tiny: tuple) -> tuple[Any, dict]:
+    if name == "minilm":
+        return models.from_pretrained(minilm_dir(), num_labels=num_labels, pooling="mean",
+                                      key=jax.random.key(0))
+    if name == "tiny":
+        hidden, layers, heads, intermediate = tiny
+        cfg = models.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=intermediate,
+                                max_position_embeddings=512)
+        model = models.BertForSequenceClassification(cfg, num_labels=num_labels, pooling="mean")
+        params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+        return model, params
+    raise ValueError(f"config.model.name {name!r} is not one of ('minilm', 'tiny')")
+
+
+def _bert_forward(model, frozen, trainable, batch, rng):
+    return lr.apply(model, _drop_placeholder(frozen), _drop_placeholder(trainable),
+                    batch["input_ids"], batch["attention_mask"], lora_rng=rng)
+
+
+def _bbc(config: Any) -> tuple[Task, BaseInfo]:
+    m, d = config.model, config.data
+    model, params = _bert_base(m.name, 5, (m.hidden_size, m.num_layers, m.num_heads,
+                                           m.intermediate_size))
+    frozen, info = _quantize(dict(params), config, "bert")
+    splits = bbc_arrays(d.max_length)
+    train_arrays = splits["train"]
+    if d.train_examples:
+        train_arrays = {k: v[: d.train_examples] for k, v in train_arrays.items()}
+    eval_arrays = splits[d.eval_split]
+    if d.eval_examples:
+        eval_arrays = {k: v[: d.eval_examples] for k, v in eval_arrays.items()}
+    batch_size = config.batch_size
+
+    def train_batch(seed: int, step: int) -> dict:
+        return data.batch_at(train_arrays, step, batch_size, seed)
+
+    def eval_batches():
+        return data.eval_batches(eval_arrays, d.eval_batch_size)
+
+    task = Task(model, _with_placeholder(frozen, config), train_batch, "classification",
+                eval_batches, forward=_bert_forward, source=f"bbc:{m.name}")
+    return task, info
+
+
+def bbc_classifier(config: Any) -> Task:
+    """BERT (real MiniLM or a tiny random one, ``config.model.name``) classifying BBC News
+    topics; evaluates accuracy on ``config.data.eval_split``.
+
+    >>> from configs.finetune_bbc import get_config
+    >>> bbc_classifier(training_config(get_config("tiny"))).loss  # doctest: +SKIP
+    'classification'
+    """
+    return _bbc(config)[0]
+
+
+# ---- language modelling across a domain shift -------------------------------------------
+
+def _llama_config(m: Any) -> models.LlamaConfig:
+    return models.LlamaConfig(
+        vocab_size=data.BYTE_VOCAB_SIZE, hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _lm_windows(domain: str, split: str, seq_len: int, max_bytes: int) -> dict[str, np.ndarray]:
+    return data.lm_windows(data.lm_tokens(domain, split, max_bytes=max_bytes or None), seq_len)
+
+
+def _lm_forward(model, frozen, trainable, batch, rng):
+    return lr.apply(model, _drop_placeholder(frozen), _drop_placeholder(trainable),
+                    batch["inputs"], lora_rng=rng)
+
+
+def _lm_task(model, params, config, domain: str, split_sizes: tuple[int, int]) -> Task:
+    d = config.data
+    train_windows = _lm_windows(domain, "train", d.seq_len, d.python_max_bytes)
+    eval_windows = _lm_windows(domain, "validation", d.seq_len, d.python_max_bytes)
+    if split_sizes[1]:
+        eval_windows = {k: v[: split_sizes[1]] for k, v in eval_windows.items()}
+    batch_size = config.batch_size
+    return Task(
+        model, params, lambda seed, step: data.batch_at(train_windows, step, batch_size, seed),
+        "lm", lambda: data.eval_batches(eval_windows, d.eval_batch_size),
+        forward=_lm_forward, source=f"lm:{domain}",
+    )
+
+
+def pretrained_lm(config: Any) -> tuple[Any, dict]:
+    """The Llama-style model of ``config.model``, trained from scratch on the standard
+    library's Python for ``config.pretrain.steps`` steps (every weight trained), cached on
+    disk by a hash of what determines it.
+
+    >>> from configs.lm_domain import get_config
+    >>> model, params = pretrained_lm(get_config("tiny"))  # doctest: +SKIP
+    """
+    m, p, d = config.model, config.pretrain, config.data
+    what = {"model": m.to_dict(), "pretrain": p.to_dict(), "seq_len": d.seq_len,
+            "python_max_bytes": d.python_max_bytes}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    directory = cache_dir() / "lm_domain" / digest
+    if (directory / "config.json").is_file():
+        return models.from_pretrained(directory)
+    model = models.LlamaForCausalLM(_llama_config(m))
+    params = model.init(jax.random.key(p.seed), jnp.ones((1, 8), jnp.int32))["params"]
+    pre = default_config()
+    pre.steps, pre.batch_size, pre.seed, pre.quiet = p.steps, p.batch_size, p.seed, True
+    pre.optimizer.learning_rate, pre.optimizer.schedule = p.learning_rate, "warmup_cosine"
+    pre.optimizer.warmup_steps, pre.optimizer.clip_norm = max(p.steps // 10, 1), 1.0
+    pre.log.tensorboard, pre.export_adapters = False, False
+    pre.lora.targets, pre.lora.rank, pre.lora.trainable = _PLACEHOLDER, 1, _NOT_PLACEHOLDER
+    with_placeholder = {**params, NO_ADAPTER: {"kernel": jnp.zeros((1, 1), jnp.float32)}}
+    task = _lm_task(model, with_placeholder, _with_batch_size(config, p.batch_size), "python",
+                    (0, d.eval_windows))
+    result = train(pre, task)
+    trained = _drop_placeholder(result.trainable)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+        models.save_pretrained(tmp, model, trained)
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            if not (directory / "config.json").is_file():
+                raise
+        os.makedirs(tmp, exist_ok=True)  # TemporaryDirectory cleans up what it made
+    return models.from_pretrained(directory)
+
+
+def _with_batch_size(config: Any, batch_size: int) -> Any:
+    config = config.copy_and_resolve_references()
+    config.batch_size = batch_size
+    return config
+
+
+def _lm(config: Any) -> tuple[Task, BaseInfo]:
+    model, params = pretrained_lm(config)
+    frozen, info = _quantize(dict(params), config, "llama")
+    task = _lm_task(model, _with_placeholder(frozen, config), config, "english",
+                    (0, config.data.eval_windows))
+    return task, info
+
+
+def lm_domain(config: Any) -> Task:
+    """The Python-pretrained Llama-style model adapted to English prose (LoRA or QLoRA);
+    evaluates perplexity on English validation windows.
+
+    >>> from configs.lm_domain import get_config
+    >>> lm_domain(training_config(get_config("tiny"))).loss  # doctest: +SKIP
+    'lm'
+    """
+    return _lm(config)[0]
+
+
+def build(config: Any) -> tuple[Task, BaseInfo]:
+    """The task of a (resolved) config and the facts about its frozen base.
+
+    >>> from configs.finetune_bbc import get_config
+    >>> task, info = build(training_config(get_config("tiny")))  # doctest: +SKIP
+    """
+    if family_of(config) == "llama":
+        return _lm(config)
+    return _bbc(config)

@@ -1,0 +1,150 @@
+"""One experiment run: train, evaluate, and write one row to the results database.
+
+    python experiments/run.py --config=configs/finetune_bbc.py
+    python experiments/run.py --config=configs/rank_ablation.py:tiny --config.lora.rank=4 \\
+        --config.adapt=all --config.seed=1 --db=workdir/results.sqlite --workdir=workdir/runs
+
+The row holds every config field (flattened), the evaluation metrics, trainable and base
+parameters, bits per base parameter, seconds per step (compilation excluded), peak memory
+(the device's peak where JAX reports one, else the process's peak resident memory), seed,
+git commit and config hash. A run that raises writes a "failed" row with its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # so configs name their tasks as "configs.tasks:..."
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from configs import common, tasks  # noqa: E402
+from lowrank import results  # noqa: E402
+from lowrank.assets import cache_dir  # noqa: E402
+from lowrank.train import train  # noqa: E402
+
+DEFAULT_DB = ROOT / "workdir" / "results.sqlite"
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/x.py[:variant]")
+_DB = flags.DEFINE_string("db", str(DEFAULT_DB), "results database (SQLite file)")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "where each run keeps checkpoints and metrics (<workdir>/<experiment>/"
+    "<config hash>); default: nothing but the database row is written")
+_EXPERIMENT = flags.DEFINE_string(
+    "experiment", None, "name the row is filed under (default: the config file's stem)")
+_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "reuse compiled steps across processes (runs that differ only "
+    "in seed compile once)")
+
+
+def git_commit() -> str:
+    """HEAD of the repository this file is in ("unknown" outside git).
+
+    >>> len(git_commit()) in (7, 40) or git_commit() == "unknown"
+    True
+    """
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def peak_memory_mb() -> float:
+    """The device's peak bytes in use where JAX reports it (GPU/TPU), else the peak resident
+    memory of this process (CPU: weights, activations and the runtime together).
+
+    >>> peak_memory_mb() > 0
+    True
+    """
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, after checking the ``--config.<key>`` overrides by name."""
+    message = common.unknown_override(argv)
+    if message is not None:
+        print(f"{Path(argv[0]).name}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    return flags.FLAGS(argv)
+
+
+def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = None) -> dict:
+    """Trains and evaluates ``config`` and writes its row to ``db_path``; returns the row's
+    fields (a failed run writes its traceback and re-raises).
+
+    >>> from configs.finetune_bbc import get_config
+    >>> row = run(get_config("tiny"), db_path=":memory:", experiment="t")  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    db = results.ResultsDB(db_path)
+    try:
+        resolved = tasks.training_config(config)
+        if workdir:
+            resolved.workdir = str(Path(workdir) / experiment / results.config_hash(config))
+        task, info = tasks.build(resolved)
+        result = train(resolved, task)
+        metrics = {**(result.eval_metrics or {})}
+        metrics.pop("weight", None)
+        metrics["train_loss"] = result.metrics.get("loss", float("nan"))
+        metrics["weight_rmse"] = info.weight_rmse
+        metrics["quant_bits_per_param"] = info.quant_bits_per_param
+        fields = dict(
+            trainable_params=tasks.count_trainable(result.trainable),
+            base_params=info.base_params,
+            bits_per_param=info.bits_per_param,
+            step_seconds=result.loop_seconds / max(result.timed_steps, 1),
+            peak_memory_mb=peak_memory_mb(),
+            wall_seconds=time.perf_counter() - start,
+            git_commit=git_commit(),
+        )
+        db.write(config, metrics, experiment=experiment, **fields)
+        return {"config_hash": results.config_hash(config), **fields, **metrics}
+    except Exception:
+        db.write(config, {}, status="failed", experiment=experiment,
+                 traceback=traceback.format_exc(), git_commit=git_commit(),
+                 wall_seconds=time.perf_counter() - start)
+        raise
+    finally:
+        db.close()
+
+
+def enable_compilation_cache() -> None:
+    """Persists compiled programs under the lowrank cache, so a rerun (or another seed of the
+    same config) skips compilation."""
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compilation_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config=configs/x.py[:variant] is required")
+    if _CACHE.value:
+        enable_compilation_cache()
+    spec = flags.FLAGS["config"].config_filename
+    experiment = _EXPERIMENT.value or common.experiment_name(spec)
+    row = run(_CONFIG.value, db_path=_DB.value, experiment=experiment, workdir=_WORKDIR.value)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+    print(json.dumps(shown))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    app.run(main, flags_parser=parse_flags)

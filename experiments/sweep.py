@@ -1,0 +1,170 @@
+"""A sweep: every override of the config's ``get_sweep(config)`` times ``--seeds`` seeds, each
+run as its own ``experiments/run.py`` process (so its peak memory is its own, and a crash
+costs one run).
+
+    python experiments/sweep.py --config=configs/rank_ablation.py --seeds=2
+    python experiments/sweep.py --config=configs/quant_ablation.py:tiny --config.steps=5
+
+Runs whose config hash already has a finished row in the database (for this experiment) are
+skipped, so an interrupted sweep is resumed by running the same command again. A failing run
+is recorded with its traceback and the sweep goes on. ``--config.<key>=<value>`` overrides
+apply to every run of the sweep.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from absl import app, flags  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from configs import common  # noqa: E402
+from lowrank import results  # noqa: E402
+
+RUN = Path(__file__).resolve().with_name("run.py")
+DEFAULT_DB = ROOT / "workdir" / "results.sqlite"
+
+_CONFIG = flags.DEFINE_string("config", None, "configs/x.py[:variant] with a get_sweep")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "seeds 0 .. N-1 of every run of the sweep")
+_DB = flags.DEFINE_string("db", str(DEFAULT_DB), "results database (SQLite file)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "passed to run.py (checkpoints, metrics)")
+_EXPERIMENT = flags.DEFINE_string("experiment", None,
+                                  "name rows are filed under (default: the config's stem)")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "list the runs and whether they are done")
+
+
+def cli_value(value) -> str:
+    """How run.py's ``--config.<key>=`` flag spells ``value``.
+
+    >>> cli_value(True), cli_value(1e-4), cli_value("a|b")
+    ('True', '0.0001', 'a|b')
+    """
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def expand(module, config, seeds: int) -> list[dict]:
+    """The override dicts of every run: ``get_sweep(config)`` for seed 0, then for seed 1, ...
+    (so a sweep cut short has every setting once before any twice).
+
+    >>> import types
+    >>> m = types.SimpleNamespace(get_sweep=lambda c: [{"lora.rank": 1}, {"lora.rank": 2}])
+    >>> expand(m, None, 2)
+    [{'lora.rank': 1, 'seed': 0}, {'lora.rank': 2, 'seed': 0}, {'lora.rank': 1, 'seed': 1}, \
+{'lora.rank': 2, 'seed': 1}]
+    """
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    return [{**overrides, "seed": seed} for seed in range(seeds)
+            for overrides in module.get_sweep(config)]
+
+
+def _row_count(db: results.ResultsDB, config_hash: str) -> int:
+    return sum(r["config_hash"] == config_hash for r in db.rows(status=None))
+
+
+def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experiment: str,
+          workdir: str | None = None, dry_run: bool = False) -> dict[str, int]:
+    """Runs what is missing of the sweep of ``spec``; returns counts of done, skipped and
+    failed runs.
+
+    Args:
+      spec: "configs/x.py[:variant]".
+      base_args: ``--config.<key>=<value>`` overrides for every run.
+      seeds: seeds per run.
+      db_path: the results database.
+      experiment: rows are filed (and skipped) under this name.
+      workdir: passed on to run.py.
+      dry_run: only list the runs.
+    """
+    module, config = common.load(spec)
+    if base_args:  # parsed as run.py parses them, so that the hashes agree
+        config = _parsed(spec, base_args)
+    runs = expand(module, config, seeds)
+    db = results.ResultsDB(db_path)
+    finished = db.finished_hashes(experiment)
+    todo = []
+    for overrides in runs:
+        h = results.config_hash(results.apply_overrides(config, overrides))
+        todo.append((overrides, h, h in finished))
+    counts = {"done": 0, "skipped": sum(done for _, _, done in todo), "failed": 0}
+    if dry_run:
+        for overrides, h, done in todo:
+            print(f"{'done' if done else 'todo'}  {h}  {overrides}")
+        db.close()
+        return counts
+    pending = [(o, h) for o, h, done in todo if not done]
+    bar = tqdm(pending, desc=experiment, unit="run", dynamic_ncols=True)
+    for overrides, h in bar:
+        bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in overrides.items()))
+        args = [sys.executable, str(RUN), f"--config={spec}", *base_args,
+                *(f"--config.{k}={cli_value(v)}" for k, v in overrides.items()),
+                f"--db={db_path}", f"--experiment={experiment}"]
+        if workdir:
+            args.append(f"--workdir={workdir}")
+        before = _row_count(db, h)
+        start = time.perf_counter()
+        done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode == 0:
+            counts["done"] += 1
+            continue
+        counts["failed"] += 1
+        tail = "\n".join(done.stderr.strip().splitlines()[-40:])
+        tqdm.write(f"run {overrides} failed (exit {done.returncode}):\n{tail[-2000:]}")
+        if _row_count(db, h) == before:  # it died before it could record itself
+            db.write(results.apply_overrides(config, overrides), {}, status="failed",
+                     experiment=experiment, wall_seconds=time.perf_counter() - start,
+                     traceback=f"exit status {done.returncode}\n{tail}")
+    db.close()
+    return counts
+
+
+def _parsed(spec: str, base_args: list[str]):
+    """The config of ``spec`` with ``--config.<key>=<value>`` overrides, parsed by the same
+    flags machinery as run.py."""
+    from ml_collections import config_flags
+
+    holder = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=holder)
+    holder(["sweep", f"--config={spec}", *base_args])
+    return holder.config
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config=configs/x.py[:variant] is required")
+    experiment = _EXPERIMENT.value or common.experiment_name(_CONFIG.value)
+    counts = sweep(_CONFIG.value, BASE_ARGS, seeds=_SEEDS.value, db_path=_DB.value,
+                   experiment=experiment, workdir=_WORKDIR.value, dry_run=_DRY_RUN.value)
+    print(f"{experiment}: {counts['done']} run, {counts['skipped']} already done, "
+          f"{counts['failed']} failed")
+    if counts["failed"]:
+        sys.exit(1)
+
+
+BASE_ARGS: list[str] = []
+
+
+def split_argv(argv: list[str]) -> list[str]:
+    """Takes the ``--config.<key>=<value>`` overrides out of ``argv`` (into ``BASE_ARGS``)
+    and checks their keys; returns what absl should parse."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    spec = next((a for a in argv if a.startswith("--config=")), None)
+    message = common.unknown_override([argv[0], *([spec] if spec else []), *overrides])
+    if message is not None:
+        print(f"{Path(argv[0]).name}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    BASE_ARGS[:] = overrides
+    return flags.FLAGS([a for a in argv if not a.startswith("--config.")])
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=split_argv)
