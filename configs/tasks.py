@@ -29,7 +29,7 @@ import lowrank as lr
 from configs.common import QUANT_TARGETS, TARGET_SETS, check_experiment_fields
 from lowrank import data, models, quant
 from lowrank.assets import cache_dir, minilm_dir
-from lowrank.train import Task, default_config, train
+from lowrank.train import Task, default_config, load_task, train
 
 NO_ADAPTER = "no_adapter"
 _PLACEHOLDER = NO_ADAPTER + "/kernel"
@@ -334,12 +334,23 @@ def lm_domain(config: Any) -> Task:
     return _lm(config)[0]
 
 
+FACTORIES = {"configs.tasks:bbc_classifier": _bbc, "configs.tasks:lm_domain": _lm}
+
+
 def build(config: Any) -> tuple[Task, BaseInfo]:
-    """The task of a (resolved) config and the facts about its frozen base.
+    """The task of a (resolved) config and the facts about its frozen base. Tasks of other
+    modules (``config.task``, e.g. ``lowrank.train.toy:classifier``) are built by
+    ``lowrank.train.load_task`` and stored as they are (``quant.fmt`` must be "none").
 
     >>> from configs.finetune_bbc import get_config
     >>> task, info = build(training_config(get_config("tiny")))  # doctest: +SKIP
     """
-    if family_of(config) == "llama":
-        return _lm(config)
-    return _bbc(config)
+    if config.task in FACTORIES:
+        return FACTORIES[config.task](config)
+    task = load_task(config)
+    params = _drop_placeholder(dict(task.params))
+    frozen, info = _quantize(params, config, "bert")
+    if frozen is not params:
+        raise ValueError(f"config.quant.fmt {config.quant.fmt!r} applies to the configs.tasks "
+                         f"factories only; {config.task!r} gets its base as it is")
+    return dataclasses.replace(task, params=_with_placeholder(params, config)), info
