@@ -486,7 +486,8 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = arch.to_config(model)
-    config["torch_dtype"] = jnp.dtype(model.param_dtype).name
+    # transformers 4 reads torch_dtype, 5 reads dtype.
+    config["torch_dtype"] = config["dtype"] = jnp.dtype(model.param_dtype).name
     config.update(extra_config or {})
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
