@@ -101,7 +101,7 @@ def eval_batches(
     """Every example once, in order, in batches of one shape: the last batch is filled up by
     repeating its first example, and ``valid`` (bool) marks the real rows.
 
-    >>> [b["valid"].sum() for b in eval_batches({"x": np.arange(5)}, 2)]
+    >>> [int(b["valid"].sum()) for b in eval_batches({"x": np.arange(5)}, 2)]
     [2, 2, 1]
     """
     n = num_examples(dataset)
