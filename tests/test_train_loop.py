@@ -6,6 +6,7 @@ import os
 import pathlib
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -39,6 +40,22 @@ def _leaves_equal(a, b):
                zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+def _tensorboard_scalars(directory: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files (TFRecords of Event protos), read back without TF."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4  # length, its crc, the record, its crc
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
 def test_train_logs_checkpoints_evaluates_and_exports(tmp_path, capsys):
     config = _config(tmp_path, steps=20)
     config.quiet = False
@@ -54,7 +71,11 @@ def test_train_logs_checkpoints_evaluates_and_exports(tmp_path, capsys):
     assert train[0]["train/learning_rate"] == pytest.approx(0.02)
     evals = [r for r in records if "eval/loss" in r]
     assert [r["step"] for r in evals] == [10, 20] and evals[-1]["eval/weight"] == 64
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    tensorboard = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert [step for step, _ in tensorboard["train/loss"]] == list(range(1, 21))
+    np.testing.assert_allclose([v for _, v in tensorboard["train/loss"]],
+                               [r["train/loss"] for r in train], rtol=1e-6)
+    assert [step for step, _ in tensorboard["eval/accuracy"]] == [10, 20]
 
     # the adapters learned: eval loss is below that of the untrained adapters (= the base)
     untrained = lr.init_adapters(jax.random.key(0), TASK.params, lt.lora_spec(config.lora))

@@ -12,7 +12,6 @@ from lowrank.train.config import default_config, lora_spec
 from lowrank.train.evaluate import evaluate
 from lowrank.train.export import export_adapters, load_adapters
 from lowrank.train.loop import (
-    NonFiniteLoss,
     TrainResult,
     check_config,
     init_state,
@@ -34,6 +33,7 @@ from lowrank.train.precision import cast_floating, resolve_dtype
 from lowrank.train.schedules import make_schedule
 from lowrank.train.state import TrainState
 from lowrank.train.step import make_eval_step, make_loss_fn, make_train_step
+from lowrank.train.stepping import NonFiniteLoss
 from lowrank.train.task import Task, default_forward, load_task
 
 __all__ = [

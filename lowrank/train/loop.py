@@ -1,30 +1,21 @@
-"""``train(config)``: initialise or resume, run the steps, log, checkpoint, evaluate, export.
-
-The loop reads each step's metrics one step late, so the host never waits for the device
-except at checkpoints (where the step about to be saved must have a finite loss) and at the
-end; a non-finite loss stops training before anything computed from it is saved.
-"""
+"""``train(config)``: build or resume the state, run the steps (``stepping.StepLoop``), save
+the last checkpoint and the adapters export."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
-import time
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from lowrank import optim, quant
 from lowrank.lora import init_adapters
 from lowrank.train import checkpoint as ckpt_lib
 from lowrank.train.config import lora_spec
-from lowrank.train.evaluate import evaluate
 from lowrank.train.export import export_adapters
 from lowrank.train.metrics import MetricsWriter, Progress
 from lowrank.train.parallel import (
@@ -40,14 +31,11 @@ from lowrank.train.precision import cast_floating, resolve_dtype
 from lowrank.train.schedules import make_schedule
 from lowrank.train.state import TrainState
 from lowrank.train.step import make_eval_step, make_loss_fn, make_train_step
+from lowrank.train.stepping import StepLoop, pack_metrics
 from lowrank.train.task import Task, load_task
 
 CHECKPOINTS = "checkpoints"
 ADAPTERS = "adapters"
-
-
-class NonFiniteLoss(FloatingPointError):
-    """Training stopped on a NaN or infinite loss; the checkpoints hold only finite steps."""
 
 
 @dataclasses.dataclass
@@ -113,12 +101,14 @@ def check_config(config: Any) -> None:
     resolve_dtype(config.param_dtype)
 
 
-def _runner(config: Any, loss_fn, tx, schedule) -> Runner:
+def _runner(config: Any, loss_fn, tx, schedule) -> tuple[Runner, list[str]]:
     mode = config.parallel.mode
-    step = make_train_step(loss_fn, tx, micro_batches=config.micro_batches, schedule=schedule,
-                           axis_name=PMAP_AXIS if mode == "pmap" else None)
+    step, names = pack_metrics(make_train_step(
+        loss_fn, tx, micro_batches=config.micro_batches, schedule=schedule,
+        axis_name=PMAP_AXIS if mode == "pmap" else None,
+    ))
     if mode == "jit":
-        return jit_runner(step)
+        return jit_runner(step), names
     if mode == "pmap":
         runner = pmap_runner(step)
     else:
@@ -130,7 +120,7 @@ def _runner(config: Any, loss_fn, tx, schedule) -> Runner:
             f"devices (parallel.mode={mode!r}) and then into {config.micro_batches} "
             f"micro-batches: use a multiple of {runner.devices * config.micro_batches}"
         )
-    return runner
+    return runner, names
 
 
 def _dense_view(frozen: Any) -> Any:
@@ -147,15 +137,6 @@ def _dense_view(frozen: Any) -> Any:
 
 def _json(value: Any) -> Any:
     return json.loads(json.dumps(value))
-
-
-def _check_batch(batch: Mapping, batch_size: int, step: int) -> None:
-    for name, value in batch.items():
-        if np.ndim(value) == 0 or np.shape(value)[0] != batch_size:
-            raise ValueError(
-                f"task.train_batch(seed, {step}) entry {name!r} has shape {np.shape(value)}: "
-                f"expected a leading axis of config.batch_size = {batch_size}"
-            )
 
 
 def optimizer(config: Any) -> tuple[optax.Schedule, optax.GradientTransformation]:
@@ -227,7 +208,7 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
     schedule, tx = optimizer(config)
     loss_fn = make_loss_fn(task.model, task.forward, task.loss,
                            compute_dtype=resolve_dtype(config.compute_dtype), remat=config.remat)
-    runner = _runner(config, loss_fn, tx, schedule)
+    runner, metric_names = _runner(config, loss_fn, tx, schedule)
     abstract = jax.eval_shape(lambda: init_state(config, task))
     meta = _json({
         "lora": config.lora.to_dict(),
@@ -249,7 +230,8 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
             writer = MetricsWriter(workdir, start_step=start,
                                    tensorboard=config.log.tensorboard)
         progress = Progress(config.steps, start, quiet=config.quiet)
-        loop = _Loop(config, task, runner, checkpointer, writer, progress, meta, start)
+        loop = StepLoop(config, task, runner, metric_names, checkpointer=checkpointer,
+                        writer=writer, progress=progress, meta=meta, start=start)
         placed = loop.run(runner.place_state(state), runner.place_frozen(task.params),
                           jax.jit(make_eval_step(loss_fn)))
         final = runner.host_state(placed)
@@ -283,94 +265,3 @@ def _resume(checkpointer, config, abstract: TrainState, meta: dict) -> TrainStat
                          + "\n  ".join(diffs))
     restored, _, _ = checkpointer.restore(abstract, latest)
     return restored
-
-
-class _Loop:
-    """The step loop's bookkeeping: one-step-late metrics, logging, checkpoints, eval."""
-
-    def __init__(self, config, task, runner, checkpointer, writer, progress, meta, start):
-        self.config, self.task, self.runner = config, task, runner
-        self.checkpointer, self.writer, self.progress = checkpointer, writer, progress
-        self.meta, self.start = meta, start
-        self.config_json = _json(json.loads(config.to_json_best_effort()))
-        self.last_metrics: dict[str, float] = {}
-        self.eval_metrics: dict[str, float] | None = None
-        self.loop_seconds = 0.0
-        self._first_done = None  # time the first step of this run finished (compile included)
-        self._last_time = None
-
-    def run(self, placed, frozen, eval_step):
-        config, runner = self.config, self.runner
-        pending = None
-        self._last_time = time.perf_counter()
-        for i in range(self.start, config.steps):
-            batch = self.task.train_batch(config.seed, i)
-            if i == self.start:
-                _check_batch(batch, config.batch_size, i)
-            placed, metrics = runner.step(placed, frozen, runner.place_batch(batch))
-            if pending is not None:
-                self._record(*pending)
-            pending = (i + 1, metrics)
-            done = i + 1
-            if done % config.checkpoint.every == 0 and self.checkpointer is not None:
-                self._record(*pending)
-                pending = None
-                self.checkpointer.save(done, runner.host_state(placed),
-                                       config=self.config_json, meta=self.meta)
-                if self.writer is not None:
-                    self.writer.flush()
-            if config.eval.every and done % config.eval.every == 0:
-                if pending is not None:
-                    self._record(*pending)
-                    pending = None
-                self._evaluate(placed, frozen, eval_step, done)
-        if pending is not None:
-            self._record(*pending)
-        if self._first_done is not None:
-            self.loop_seconds = time.perf_counter() - self._first_done
-        if self.task.eval_batches is not None and (
-            not config.eval.every or config.steps % config.eval.every
-        ):
-            self._evaluate(placed, frozen, eval_step, config.steps)
-        return placed
-
-    def _record(self, step: int, device_metrics) -> None:
-        metrics = {k: float(v) for k, v in jax.device_get(
-            self.runner.host_metrics(device_metrics)).items()}
-        now = time.perf_counter()
-        seconds, self._last_time = now - self._last_time, now
-        if self._first_done is None:
-            self._first_done = now
-        if not math.isfinite(metrics["loss"]):
-            self._stop_on_non_finite(step, metrics["loss"])
-        metrics["step_seconds"] = seconds
-        metrics["examples_per_second"] = self.config.batch_size / seconds
-        if self.task.loss == "lm" and "weight" in metrics:
-            metrics["tokens_per_second"] = metrics["weight"] / seconds
-        self.last_metrics = metrics
-        if self.writer is not None and (step % self.config.log.every == 0
-                                        or step == self.config.steps):
-            self.writer.write(step, metrics, prefix="train/")
-        self.progress.update(1, metrics)
-
-    def _stop_on_non_finite(self, step: int, loss: float) -> None:
-        where = "no checkpoint was written (config.workdir is None)"
-        if self.checkpointer is not None:
-            self.checkpointer.wait()
-            last = self.checkpointer.latest_step()
-            where = (f"the last good checkpoint is step {last} in {self.checkpointer.directory}"
-                     if last is not None else
-                     f"no checkpoint was written before it in {self.checkpointer.directory}")
-        raise NonFiniteLoss(
-            f"the training loss is {loss} at step {step} (computed on the batch of step "
-            f"{step - 1}): training stopped; {where}. Try a lower learning rate, gradient "
-            "clipping (optimizer.clip_norm), or check that batch"
-        )
-
-    def _evaluate(self, placed, frozen, eval_step, step: int) -> None:
-        if self.task.eval_batches is None:
-            return
-        trainable, frozen_view = self.runner.eval_view(placed, frozen)
-        self.eval_metrics = evaluate(eval_step, trainable, frozen_view, self.task.eval_batches())
-        if self.writer is not None:
-            self.writer.write(step, self.eval_metrics, prefix="eval/")
