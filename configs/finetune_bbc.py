@@ -3,6 +3,7 @@ value, the classifier head trained in full.
 
     python experiments/run.py --config=configs/finetune_bbc.py
     python experiments/run.py --config=configs/finetune_bbc.py:tiny   # a tiny random BERT
+    python experiments/run.py --config=configs/finetune_bbc.py:quick  # 20 steps
 
 Sized for a 2-core CPU: 32 tokens per article (the headline and first sentence), 30 steps of
 32 articles (about half an epoch of the 1780 training articles).
@@ -16,12 +17,13 @@ from configs.common import base_config, parse_variant
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config of ``arg`` ("tiny" or the default).
+    """The config of ``arg``: the default, "quick" (20 steps: the Quickstart's sweep) or
+    "tiny" (a tiny random BERT on a few articles, for tests).
 
-    >>> get_config("tiny").model.name
-    'tiny'
+    >>> get_config("tiny").model.name, get_config("quick").steps
+    ('tiny', 20)
     """
-    variant = parse_variant(arg)
+    variant = parse_variant(arg, ("default", "quick", "tiny"))
     config = base_config("configs.tasks:bbc_classifier")
     config.adapt = "qv"
     config.model = ml_collections.ConfigDict(dict(
@@ -36,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.learning_rate = 3e-3
     config.optimizer.schedule, config.optimizer.warmup_steps = "warmup_cosine", 3
     config.optimizer.clip_norm = 1.0
+    if variant == "quick":
+        config.steps = 20
     if variant == "tiny":
         config.model.name = "tiny"
         config.data.max_length, config.data.train_examples = 16, 64

@@ -3,6 +3,7 @@
 fine-tuning and training the classifier head alone.
 
     python experiments/sweep.py --config=configs/rank_ablation.py --seeds=2
+    python experiments/sweep.py --config=configs/rank_ablation.py:quick   # bash scripts/run.sh
     python experiments/sweep.py --config=configs/rank_ablation.py:tiny --seeds=1
 
 alpha stays 16 for every rank (scale alpha / r), as in the paper. Each method gets the learning
@@ -20,17 +21,22 @@ BASELINE_LEARNING_RATES = {"full": 1e-4, "head": 1e-2}
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The finetune_bbc config plus the grid (``sweep.ranks``, ``sweep.adapts``,
-    ``sweep.baselines``).
+    ``sweep.baselines``); "quick" is a 7-run grid of 20-step runs, "tiny" a 6-run grid on a
+    tiny random BERT.
 
-    >>> get_config("tiny").sweep.ranks
-    (1, 4)
+    >>> get_config("tiny").sweep.ranks, get_config("quick").sweep.adapts
+    ((1, 4), ('q', 'qv', 'all'))
     """
     config = bbc_config(arg)
     with config.unlocked():
-        tiny = arg == "tiny"
-        config.sweep.ranks = (1, 4) if tiny else (1, 2, 4, 8, 16, 64)
-        config.sweep.adapts = ("q", "all") if tiny else ("q", "v", "qv", "qkvo", "all")
+        config.sweep.ranks = (1, 2, 4, 8, 16, 64)
+        config.sweep.adapts = ("q", "v", "qv", "qkvo", "all")
         config.sweep.baselines = ("full", "head")
+        if arg == "quick":
+            config.sweep.ranks, config.sweep.adapts = (2, 8), ("q", "qv", "all")
+            config.sweep.baselines = ("head",)
+        if arg == "tiny":
+            config.sweep.ranks, config.sweep.adapts = (1, 4), ("q", "all")
     return config
 
 

@@ -36,16 +36,22 @@ from lowrank.train import train  # noqa: E402
 
 DEFAULT_DB = ROOT / "workdir" / "results.sqlite"
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/x.py[:variant]")
-_DB = flags.DEFINE_string("db", str(DEFAULT_DB), "results database (SQLite file)")
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "where each run keeps checkpoints and metrics (<workdir>/<experiment>/"
-    "<config hash>); default: nothing but the database row is written")
-_EXPERIMENT = flags.DEFINE_string(
-    "experiment", None, "name the row is filed under (default: the config file's stem)")
-_CACHE = flags.DEFINE_bool(
-    "compilation_cache", True, "reuse compiled steps across processes (runs that differ only "
-    "in seed compile once)")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line flags (defined only when this file runs as a script, so that tests
+    can import it next to sweep.py)."""
+    config_flags.DEFINE_config_file("config", None, "configs/x.py[:variant]")
+    flags.DEFINE_string("db", str(DEFAULT_DB), "results database (SQLite file)")
+    flags.DEFINE_string(
+        "workdir", None, "where each run keeps checkpoints and metrics (<workdir>/<experiment>/"
+        "<config hash>); default: nothing but the database row is written")
+    flags.DEFINE_string(
+        "experiment", None, "name the row is filed under (default: the config file's stem)")
+    flags.DEFINE_bool(
+        "compilation_cache", True, "reuse compiled steps across processes (runs that differ "
+        "only in seed compile once)")
 
 
 def git_commit() -> str:
@@ -81,7 +87,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     if message is not None:
         print(f"{Path(argv[0]).name}: error: {message}", file=sys.stderr)
         sys.exit(2)
-    return flags.FLAGS(argv)
+    return FLAGS(argv)
 
 
 def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = None) -> dict:
@@ -134,17 +140,18 @@ def enable_compilation_cache() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if _CONFIG.value is None:
+    if FLAGS.config is None:
         raise app.UsageError("--config=configs/x.py[:variant] is required")
-    if _CACHE.value:
+    if FLAGS.compilation_cache:
         enable_compilation_cache()
-    spec = flags.FLAGS["config"].config_filename
-    experiment = _EXPERIMENT.value or common.experiment_name(spec)
-    row = run(_CONFIG.value, db_path=_DB.value, experiment=experiment, workdir=_WORKDIR.value)
+    spec = FLAGS["config"].config_filename
+    experiment = FLAGS.experiment or common.experiment_name(spec)
+    row = run(FLAGS.config, db_path=FLAGS.db, experiment=experiment, workdir=FLAGS.workdir)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
     print(json.dumps(shown))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -31,13 +31,18 @@ from lowrank import results  # noqa: E402
 RUN = Path(__file__).resolve().with_name("run.py")
 DEFAULT_DB = ROOT / "workdir" / "results.sqlite"
 
-_CONFIG = flags.DEFINE_string("config", None, "configs/x.py[:variant] with a get_sweep")
-_SEEDS = flags.DEFINE_integer("seeds", 1, "seeds 0 .. N-1 of every run of the sweep")
-_DB = flags.DEFINE_string("db", str(DEFAULT_DB), "results database (SQLite file)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "passed to run.py (checkpoints, metrics)")
-_EXPERIMENT = flags.DEFINE_string("experiment", None,
-                                  "name rows are filed under (default: the config's stem)")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "list the runs and whether they are done")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line flags (defined only when this file runs as a script)."""
+    flags.DEFINE_string("config", None, "configs/x.py[:variant] with a get_sweep")
+    flags.DEFINE_integer("seeds", 1, "seeds 0 .. N-1 of every run of the sweep")
+    flags.DEFINE_string("db", str(DEFAULT_DB), "results database (SQLite file)")
+    flags.DEFINE_string("workdir", None, "passed to run.py (checkpoints, metrics)")
+    flags.DEFINE_string("experiment", None,
+                        "name rows are filed under (default: the config's stem)")
+    flags.DEFINE_bool("dry_run", False, "list the runs and whether they are done")
 
 
 def cli_value(value) -> str:
@@ -139,11 +144,11 @@ def _parsed(spec: str, base_args: list[str]):
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if _CONFIG.value is None:
+    if FLAGS.config is None:
         raise app.UsageError("--config=configs/x.py[:variant] is required")
-    experiment = _EXPERIMENT.value or common.experiment_name(_CONFIG.value)
-    counts = sweep(_CONFIG.value, BASE_ARGS, seeds=_SEEDS.value, db_path=_DB.value,
-                   experiment=experiment, workdir=_WORKDIR.value, dry_run=_DRY_RUN.value)
+    experiment = FLAGS.experiment or common.experiment_name(FLAGS.config)
+    counts = sweep(FLAGS.config, BASE_ARGS, seeds=FLAGS.seeds, db_path=FLAGS.db,
+                   experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run)
     print(f"{experiment}: {counts['done']} run, {counts['skipped']} already done, "
           f"{counts['failed']} failed")
     if counts["failed"]:
@@ -163,8 +168,9 @@ def split_argv(argv: list[str]) -> list[str]:
         print(f"{Path(argv[0]).name}: error: {message}", file=sys.stderr)
         sys.exit(2)
     BASE_ARGS[:] = overrides
-    return flags.FLAGS([a for a in argv if not a.startswith("--config.")])
+    return FLAGS([a for a in argv if not a.startswith("--config.")])
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=split_argv)
