@@ -25,12 +25,12 @@ def randomize_b(adapters, key):
 
 
 def run(model, frozen, adapters, *inputs):
-    out = jax.jit(lambda f, a: lr.apply(model, f, a, *inputs))(frozen, adapters)
+    out = lr.apply(model, frozen, adapters, *inputs)
     return out.last_hidden_state if isinstance(out, models.BertOutput) else out
 
 
 def run_plain(model, params, *inputs):
-    out = jax.jit(lambda p: model.apply({"params": p}, *inputs))(params)
+    out = model.apply({"params": params}, *inputs)
     return out.last_hidden_state if isinstance(out, models.BertOutput) else out
 
 
