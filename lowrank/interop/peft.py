@@ -1,0 +1,493 @@
+"""PEFT LoRA adapters, both ways: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+PEFT names a LoRA pair after the module it adapts, ``base_model.model.<module>.lora_A.weight``
+``[r, in]`` and ``...lora_B.weight`` ``[out, r]``; for our Dense kernel ``[in, out]`` these are
+``a.T`` and ``b.T``. Full-rank trained modules (``modules_to_save``) are stored under their
+own tensor names. Module names come from :mod:`lowrank.interop.naming` (the models' one name
+map), target selection follows PEFT's own matching rules (ported in :func:`peft_targets`).
+
+What PEFT cannot express, and :func:`save` refuses with an error: adapters on anything but a
+Dense kernel (embeddings, convolutions, einsums), training part of a module (a bias or a norm
+scale alone, or a weight that also has an adapter), a trained tied embedding, and different
+dropout rates per adapter. What :func:`load` refuses: DoRA, LoRA biases, ``bias != "none"``,
+``fan_in_fan_out``, layer replication and every other option that changes the computation.
+
+>>> spec, adapters = load("path/to/peft-adapter", params, model)  # doctest: +SKIP
+>>> save("out/", spec, adapters, model)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import safetensors.flax
+
+from lowrank import paths
+from lowrank.interop import naming
+from lowrank.layers import MATRIX
+from lowrank.lora import LoraPair, check_fits, is_pair, shape_of
+from lowrank.models import hf
+from lowrank.spec import LoraSpec
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+
+# Options with a fixed accepted value: any other value changes the computation.
+_FIXED: dict[str, tuple] = {
+    "peft_type": ("LORA",),
+    "bias": ("none",),
+    "fan_in_fan_out": (False,),
+    "use_dora": (False,),
+    "lora_bias": (False,),
+    "use_qalora": (False,),
+    "ensure_weight_tying": (False,),
+}
+_READ = {
+    "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora",
+    "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
+    "layers_pattern", "task_type",
+}
+# How the adapter was made or where it came from: no effect on what a saved adapter computes.
+_INFORMATIONAL = {
+    "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "init_lora_weights", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config",
+}
+# Heads PEFT's task models add to modules_to_save on their own.
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+_TASK_TYPES = {"LlamaForCausalLM": "CAUSAL_LM", "BertModel": "FEATURE_EXTRACTION"}
+
+
+# ----------------------------------------------------------------------------- PEFT's rules
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key ``k`` for which
+    ``(.*\\.)?(k)$`` matches the module name from its start.
+
+    >>> pattern_value({"v_proj": 2}, "model.layers.0.self_attn.v_proj", 8)
+    2
+    >>> pattern_value({"layers.1.self_attn.v_proj": 2}, "model.layers.0.self_attn.v_proj", 8)
+    8
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _in_list(module: str, names: Iterable[str]) -> bool:
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def _layer_index(module: str, layers_pattern: Any) -> int | None:
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        match = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+            if match:
+                break
+    return int(match["idx"]) if match else None
+
+
+def peft_targets(config: Mapping, modules: Iterable[str]) -> list[str]:
+    """The modules that PEFT's ``check_target_module_exists`` selects for LoRA.
+
+    ``target_modules`` as a string is a regex that must fullmatch the module name; as a list,
+    a name matches a module equal to it or ending in ``.name``, optionally restricted to
+    ``layers_to_transform``. ``exclude_modules`` and ``modules_to_save`` take precedence.
+
+    >>> peft_targets({"target_modules": ["query"]},
+    ...              ["encoder.layer.0.attention.self.query", "encoder.layer.0.output.dense"])
+    ['encoder.layer.0.attention.self.query']
+    """
+    targets, exclude = config.get("target_modules"), config.get("exclude_modules")
+    saved = config.get("modules_to_save") or []
+    out = []
+    for m in modules:
+        if exclude and (re.fullmatch(exclude, m) if isinstance(exclude, str)
+                        else _in_list(m, exclude)):
+            continue
+        if any(re.match(rf"(^|.*\.){s}($|\..*)", m) for s in saved):
+            continue
+        if isinstance(targets, str):
+            found = bool(re.fullmatch(targets, m))
+        else:
+            found = _in_list(m, targets)
+            layers = config.get("layers_to_transform")
+            if found and layers is not None and layers != []:
+                index = _layer_index(m, config.get("layers_pattern"))
+                wanted = [layers] if isinstance(layers, int) else layers
+                found = index is not None and index in wanted
+        if found:
+            out.append(m)
+    return out
+
+
+def saved_modules(config: Mapping, modules: Iterable[str]) -> list[str]:
+    """The modules PEFT trains in full: those whose name ends with a ``modules_to_save`` entry
+    (plus the heads a task type adds, as PEFT's task models do). As in PEFT, names that match
+    nothing are an error only when no name matches anything.
+
+    >>> saved_modules({"modules_to_save": ["classifier", "score"]}, ["bert.pooler.dense",
+    ...                                                              "classifier"])
+    ['classifier']
+    """
+    modules = list(modules)
+    names = list(config.get("modules_to_save") or [])
+    names += [h for h in _TASK_HEADS.get(config.get("task_type"), ()) if h not in names]
+    found = [m for m in modules if any(m.endswith(n) for n in names)]
+    if names and not found:
+        raise ValueError(f"modules_to_save {names} matches no module; modules: "
+                         + _listing(modules))
+    return found
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _alpha(spec: LoraSpec, path: str, pair: LoraPair) -> float:
+    alpha = spec.alpha_for(path)
+    if math.isclose(spec.scale_for(pair.rank, alpha), pair.scale, rel_tol=1e-9):
+        return alpha
+    return pair.scale * (math.sqrt(pair.rank) if spec.rslora else pair.rank)
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _most_common(values: Mapping[str, Any]) -> Any:
+    counts = collections.Counter(values.values())
+    return max(counts, key=lambda v: (counts[v], -v))
+
+
+def _check_pair(path: str, pair: LoraPair, stacked: bool) -> None:
+    if naming.leaf_name(path) != "kernel" or pair.equation != MATRIX.equation:
+        raise ValueError(
+            f"adapter at {path!r} cannot be written as PEFT LoRA: PEFT files hold adapters of "
+            "Linear weights (our Dense kernels); embeddings and other layers are not supported"
+        )
+    if pair.a.ndim != 2 + stacked:
+        raise ValueError(
+            f"adapter at {path!r} has A of shape {tuple(pair.a.shape)}: expected [in, r]"
+            + (" with one leading layer axis" if stacked else "")
+        )
+
+
+def _module_tensors(
+    flat: Mapping[str, Any], index: Mapping[str, naming.Slot], model: nn.Module
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """PEFT tensors of the full-rank trained leaves, and the modules they fill completely."""
+    by_module = naming.modules(index)
+    tensors: dict[str, np.ndarray] = {}
+    saved = []
+    trained = {(s.path, s.layer) for s in index.values() if s.path in flat}
+    for module, members in by_module.items():
+        have = [n for n, s in members.items() if (s.path, s.layer) in trained]
+        if not have:
+            continue
+        lacking = [n for n in members if n not in have]
+        if lacking:
+            raise ValueError(
+                f"trainable leaves {[members[n].path for n in have]} cannot be written as PEFT "
+                f"modules_to_save: PEFT trains whole modules, and {module}.{lacking[0]} is not "
+                "trained. Train all of the module's parameters, or merge the model instead"
+            )
+        if getattr(model.config, "tie_word_embeddings", False) and "embed_tokens" in module:
+            raise ValueError(
+                f"{module} is tied to the output layer: PEFT's modules_to_save does not keep "
+                "the tie, so a trained tied embedding cannot be written as a PEFT adapter"
+            )
+        for n, s in members.items():
+            value = naming.slice_of(flat[s.path], s)
+            tensors[f"{PREFIX}{module}.{n}"] = np.asarray(hf.to_hf_tensor(s.path, value))
+        saved.append(module)
+    return tensors, saved
+
+
+def save(
+    directory: str | Path,
+    spec: LoraSpec,
+    adapters: Mapping,
+    model: nn.Module,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Writes ``adapters`` as a PEFT LoRA adapter that ``PeftModel.from_pretrained`` loads
+    onto the matching transformers model.
+
+    Ranks and alphas come from the adapters themselves (``alpha = scale * r``, or
+    ``scale * sqrt(r)`` with ``spec.rslora``); the most common pair becomes ``r`` and
+    ``lora_alpha`` and the others go to ``rank_pattern`` / ``alpha_pattern`` under their full
+    module names. ``target_modules`` is a list of module names when that selects exactly the
+    adapted modules (PEFT's rules), else a regex of the full names. Full-rank trained leaves
+    become ``modules_to_save`` when they make up whole modules.
+
+    Args:
+      directory: created if missing.
+      spec: the ``LoraSpec`` the adapters were made with (its ``rslora`` and alphas).
+      adapters: the trainable tree (``LoraPair`` at Dense kernels, looped or scanned).
+      model: the model the adapters belong to (names the modules as transformers does).
+      base_model_name_or_path: recorded in the config for PEFT's convenience.
+
+    >>> save("out/peft", spec, adapters, model)  # doctest: +SKIP
+    PosixPath('out/peft')
+    """
+    arch = hf.architecture_of(model)
+    flat = paths.flatten(adapters)
+    pairs = {p: v for p, v in flat.items() if is_pair(v)}
+    if not pairs:
+        raise ValueError("adapters hold no LoraPair: a PEFT LoRA adapter needs at least one")
+    dropouts = {pair.dropout for pair in pairs.values()}
+    if len(dropouts) > 1:
+        raise ValueError(f"adapters use dropout rates {sorted(dropouts)}: PEFT has one rate")
+    abstract = hf.abstract_params(model)
+    check_fits(paths.flatten(abstract), flat)
+    index = naming.tensor_index(model, abstract)
+    slots_of: dict[str, list[tuple[str, naming.Slot]]] = collections.defaultdict(list)
+    for key, slot in index.items():
+        slots_of[slot.path].append((key, slot))
+
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for path, pair in pairs.items():
+        _check_pair(path, pair, hf.is_stacked(path, arch.layer_list))
+        alpha = _number(_alpha(spec, path, pair))
+        for key, slot in slots_of[path]:
+            module = naming.module_of(key)
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = np.asarray(naming.slice_of(pair.a, slot)).T
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = np.asarray(naming.slice_of(pair.b, slot)).T
+            ranks[module], alphas[module] = int(pair.rank), alpha
+    leaves = {p: v for p, v in flat.items() if not is_pair(v)}
+    leaf_tensors, saved = _module_tensors(leaves, index, model)
+    clash = sorted(set(saved) & set(ranks))
+    if clash:
+        raise ValueError(f"{clash[0]} has both an adapter and trained full-rank parameters: "
+                         "PEFT cannot express that (modules_to_save excludes LoRA)")
+    tensors.update(leaf_tensors)
+
+    rank, alpha = _most_common(ranks), _most_common(alphas)
+    adapted = sorted(ranks)
+    all_modules = sorted(naming.modules(index))
+    names = sorted({m.rpartition(".")[2] for m in adapted})
+    config = {
+        "peft_type": "LORA",
+        "task_type": _TASK_TYPES.get(type(model).__name__),
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_rslora": bool(spec.rslora),
+        "lora_dropout": float(dropouts.pop()),
+        "target_modules": names,
+        "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
+        "modules_to_save": saved or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    if peft_targets(config, all_modules) != adapted:
+        config["target_modules"] = "(" + "|".join(re.escape(m) for m in adapted) + ")"
+    assert peft_targets(config, all_modules) == adapted, "target_modules selects other modules"
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    safetensors.flax.save_file(
+        {k: jnp.asarray(v) for k, v in sorted(tensors.items())},
+        str(directory / WEIGHTS_FILE), metadata={"format": "pt"},
+    )
+    return directory
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_config(directory: str | Path) -> dict:
+    """The parsed ``adapter_config.json``, checked for options lowrank cannot honour.
+
+    >>> read_config("/nonexistent")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    FileNotFoundError: ...
+    """
+    file = Path(directory) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} does not exist: a PEFT adapter directory holds {CONFIG_FILE} and "
+            f"{WEIGHTS_FILE}"
+        )
+    config = json.loads(file.read_text())
+    for name, accepted in _FIXED.items():
+        if name in config and config[name] not in accepted:
+            raise ValueError(
+                f"{file}: {name}={config[name]!r} is not supported; accepted: "
+                + " or ".join(repr(a) for a in accepted)
+            )
+    for name, value in config.items():
+        if name in _FIXED or name in _READ or name in _INFORMATIONAL:
+            continue
+        if value not in (None, False, {}, [], ""):
+            raise ValueError(
+                f"{file}: PEFT option {name}={value!r} is not supported (lowrank reads plain "
+                f"LoRA; the options it reads are {sorted(_READ)})"
+            )
+    if config.get("target_modules") in (None, "all-linear"):
+        raise ValueError(
+            f"{file}: target_modules={config.get('target_modules')!r} is not supported; "
+            "accepted: a list of module names or a regex (as PEFT writes after training)"
+        )
+    return config
+
+
+def _read_tensors(directory: Path) -> dict[str, Any]:
+    file = directory / WEIGHTS_FILE
+    if not file.is_file():
+        found = sorted(p.name for p in directory.iterdir())
+        hint = " (pickled adapter_model.bin is not read)" if "adapter_model.bin" in found else ""
+        raise FileNotFoundError(f"{file} does not exist{hint}; found: {found}")
+    return safetensors.flax.load_file(str(file))
+
+
+def _listing(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit
+                                      else "")
+
+
+def _alternation(items: Iterable[str]) -> str | None:
+    items = sorted(items)
+    return "(" + "|".join(re.escape(p) for p in items) + ")" if items else None
+
+
+def _stack(per_layer: Mapping[int | None, Any], path: str, params: Mapping, what: str) -> Any:
+    """One array from the slices of a scanned stack (or the array of a looped weight)."""
+    if None in per_layer:
+        return per_layer[None]
+    layers = shape_of(params[path])[0]
+    if len(per_layer) != layers:
+        raise ValueError(f"the adapter holds {what} for {len(per_layer)} of the {layers} layers "
+                         f"of the scanned {path!r}: load it onto a model built without "
+                         "scan_layers")
+    return jnp.stack([per_layer[i] for i in range(layers)])
+
+
+def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[LoraSpec, dict]:
+    """Reads a PEFT LoRA adapter onto our ``model``: ``(spec, adapters)``.
+
+    Every module that the config targets (PEFT's matching rules, ``rank_pattern`` and
+    ``alpha_pattern`` included) must have its ``lora_A``/``lora_B`` tensors, every tensor must
+    belong to a targeted module or a ``modules_to_save`` module, and every shape must fit;
+    otherwise a ValueError lists what is wrong. ``spec`` reproduces the adapter's structure
+    (exact paths, ranks, alphas, rsLoRA, dropout, trained leaves).
+
+    Args:
+      directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+      params: the model's params (arrays, quantized arrays or shapes; looped or scanned).
+      model: the model (names the modules as transformers does).
+
+    >>> spec, adapters = load("peft-adapter/", params, model)  # doctest: +SKIP
+    >>> y = lowrank.apply(model, params, adapters, input_ids)  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    tensors = _read_tensors(directory)
+    index = naming.tensor_index(model, params)
+    by_module = naming.modules(index)
+    all_modules = sorted(by_module)
+
+    targets = peft_targets(config, all_modules)
+    if not targets:
+        raise ValueError(f"{directory / CONFIG_FILE}: target_modules="
+                         f"{config['target_modules']!r} matches no module of "
+                         f"{type(model).__name__}; modules: {_listing(all_modules)}")
+    not_linear = [m for m in targets if "weight" not in by_module[m]
+                  or naming.leaf_name(by_module[m]["weight"].path) != "kernel"]
+    if not_linear:
+        raise ValueError(f"target_modules selects {_listing(not_linear)}, which are not Linear "
+                         "layers: lowrank reads LoRA on Linear layers only")
+    saved = saved_modules(config, all_modules)
+
+    expected = {f"{PREFIX}{m}.lora_{w}.weight" for m in targets for w in "AB"}
+    expected |= {f"{PREFIX}{m}.{n}" for m in saved for n in by_module[m]}
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    problems = []
+    if missing:
+        problems.append(f"lacks {len(missing)} tensor(s) that {CONFIG_FILE} implies: "
+                        + _listing(missing))
+    if unexpected:
+        problems.append(f"has {len(unexpected)} tensor(s) that no targeted module of "
+                        f"{type(model).__name__} takes: " + _listing(unexpected))
+    if problems:
+        raise ValueError(f"{directory / WEIGHTS_FILE} " + "; and ".join(problems))
+
+    flat_params = paths.flatten(paths.params_of(params))
+    rank0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
+    rslora, dropout = bool(config.get("use_rslora", False)), float(config.get("lora_dropout", 0))
+    factors: dict[str, dict] = collections.defaultdict(dict)
+    settings: dict[str, set] = collections.defaultdict(set)
+    for m in targets:
+        slot = by_module[m]["weight"]
+        in_f, out_f = shape_of(flat_params[slot.path])[-2:]
+        rank = pattern_value(config.get("rank_pattern") or {}, m, rank0)
+        alpha = pattern_value(config.get("alpha_pattern") or {}, m, alpha0)
+        a_key, b_key = f"{PREFIX}{m}.lora_A.weight", f"{PREFIX}{m}.lora_B.weight"
+        for key, want in ((a_key, (rank, in_f)), (b_key, (out_f, rank))):
+            if tuple(tensors[key].shape) != want:
+                raise ValueError(
+                    f"{key} has shape {tuple(tensors[key].shape)}; with r={rank} and the "
+                    f"weight {slot.path!r} of shape [in={in_f}, out={out_f}] it must be {want}"
+                )
+        factors[slot.path][slot.layer] = (tensors[a_key].T, tensors[b_key].T)
+        settings[slot.path].add((rank, alpha))
+
+    flat: dict[str, Any] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for path, per_layer in factors.items():
+        if len(settings[path]) > 1:
+            raise ValueError(f"layers of the scanned {path!r} have different (rank, alpha) "
+                             f"{sorted(settings[path])}: load onto a model without scan_layers")
+        (rank, alpha), = settings[path]
+        a = _stack({i: f[0] for i, f in per_layer.items()}, path, flat_params, "LoRA")
+        b = _stack({i: f[1] for i, f in per_layer.items()}, path, flat_params, "LoRA")
+        scale = float(alpha) / (math.sqrt(rank) if rslora else rank)
+        flat[path] = LoraPair(a, b, scale=scale, equation=MATRIX.equation, dropout=dropout)
+        ranks[path], alphas[path] = rank, alpha
+    trained = collections.defaultdict(dict)
+    for m in saved:
+        for n, slot in by_module[m].items():
+            trained[slot.path][slot.layer] = hf.from_hf_tensor(slot.path,
+                                                               tensors[f"{PREFIX}{m}.{n}"])
+    for path, per_layer in trained.items():
+        flat[path] = _stack(per_layer, path, flat_params, "modules_to_save weights")
+    adapters = paths.unflatten(flat)
+    check_fits(flat_params, flat)
+
+    spec = LoraSpec(
+        rank=rank0, alpha=alpha0, targets=_alternation(factors), dropout=dropout,
+        rslora=rslora, trainable=_alternation(trained),
+        rank_pattern={re.escape(p): r for p, r in ranks.items() if r != rank0},
+        alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != alpha0},
+    )
+    return spec, adapters
