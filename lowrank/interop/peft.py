@@ -70,7 +70,9 @@ _TASK_HEADS = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
-_TASK_TYPES = {"LlamaForCausalLM": "CAUSAL_LM", "BertModel": "FEATURE_EXTRACTION"}
+# PEFT's task class for our models; others load as a plain PeftModel (task_type None), which
+# also keeps PEFT from adding a classifier to modules_to_save on its own.
+_TASK_TYPES = {"LlamaForCausalLM": "CAUSAL_LM"}
 
 
 # ----------------------------------------------------------------------------- PEFT's rules
@@ -309,7 +311,9 @@ def save(
     }
     if peft_targets(config, all_modules) != adapted:
         config["target_modules"] = "(" + "|".join(re.escape(m) for m in adapted) + ")"
+    # PEFT's own matching rules must select exactly what is written.
     assert peft_targets(config, all_modules) == adapted, "target_modules selects other modules"
+    assert saved_modules(config, all_modules) == sorted(saved), "modules_to_save mismatch"
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
