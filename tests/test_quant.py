@@ -226,3 +226,13 @@ def test_memory_report_counts_every_leaf_and_groups():
     assert memory_report(abstract).bytes == report.bytes
     with pytest.raises(TypeError, match="str"):
         memory_report({"a": "text"})
+
+
+def test_double_quant_offset_is_the_same_under_jit():
+    # x / 6 and x * (1 / 6) differ by one ulp for this sum: jit must still divide, as torch does.
+    absmax = jnp.asarray([1.2526079416275024, 1.4860434532165527, 1.1328874826431274,
+                          1.876637578010559, 1.650121808052063, 0.10520315170288086], jnp.float32)
+    total = np.float32(lowrank.quant.blockwise.torch_cpu_sum(absmax))
+    assert total / np.float32(6) != total * (np.float32(1) / np.float32(6))
+    offset = jax.jit(lowrank.quant.blockwise.double_quantize)(absmax)[2]
+    assert np.float32(offset) == total / np.float32(6)

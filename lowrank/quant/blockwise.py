@@ -286,7 +286,10 @@ def double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]
       ((300,), (2,), 1.5)
     """
     absmax = absmax.astype(jnp.float32)
-    offset = torch_cpu_sum(absmax) / np.float32(absmax.shape[-1])
+    # The barrier keeps XLA from turning the division by a constant into a multiplication by
+    # its reciprocal under jit, which is 1 ulp off torch's mean for some counts.
+    count = jax.lax.optimization_barrier(jnp.float32(absmax.shape[-1]))
+    offset = torch_cpu_sum(absmax) / count
     codes, scale = dynamic_quantize(absmax - offset[..., None])
     return codes, scale, offset
 
