@@ -21,7 +21,9 @@ from lowrank import layers, paths, quant
 from lowrank.lora import check_fits, is_pair
 
 LORA_SUFFIX = "@lora"
-DROPOUT_STREAM = "lora_dropout"
+# Adapter dropout draws from the model's own "dropout" stream: user models split that stream
+# across nn.scan iterations (a stream the scan does not list never reaches its body).
+DROPOUT_STREAM = "dropout"
 
 
 def combine(frozen: Mapping, adapters: Mapping) -> dict:
@@ -130,7 +132,7 @@ def apply(
     frozen: Mapping,
     adapters: Mapping,
     *args: Any,
-    lora_rng: jax.Array | None = None,
+    lora_rng: jax.Array | bool | None = None,
     rngs: Mapping[str, jax.Array] | None = None,
     extra_variables: Mapping[str, Any] | None = None,
     **apply_kwargs: Any,
@@ -142,7 +144,9 @@ def apply(
       frozen: the base params (plain or quantized arrays; ``{"params": ...}`` also accepted).
       adapters: the trainable tree from :func:`lowrank.init_adapters` (``{}`` runs the base).
       *args: the model's inputs.
-      lora_rng: when given, adapter dropout is active (training); omitted at evaluation.
+      lora_rng: a PRNG key turns adapter dropout on (training); omit it at evaluation. The
+        key becomes the model's ``"dropout"`` stream, so if ``rngs`` already has one, pass
+        ``lora_rng=True`` to draw adapter dropout from that stream instead.
       rngs: the model's own rngs (its dropout etc.), as in ``model.apply``.
       extra_variables: other collections (``batch_stats``...).
       **apply_kwargs: passed to ``model.apply`` (``method=``, ``mutable=``, model kwargs).
@@ -157,7 +161,16 @@ def apply(
     """
     variables = {"params": combine(frozen, adapters), **(extra_variables or {})}
     rngs = dict(rngs or {})
-    if lora_rng is not None:
+    active = lora_rng is not None and lora_rng is not False
+    if active and lora_rng is not True:
+        if DROPOUT_STREAM in rngs:
+            raise ValueError(
+                "lora_rng and rngs['dropout'] were both given: adapter dropout draws from the "
+                "model's 'dropout' stream, so pass rngs={'dropout': key} with lora_rng=True"
+            )
         rngs[DROPOUT_STREAM] = lora_rng
-    with nn.intercept_methods(_Interceptor(dropout_active=lora_rng is not None)):
+    elif active and DROPOUT_STREAM not in rngs:
+        raise ValueError("lora_rng=True draws adapter dropout from rngs['dropout'], which is "
+                         "missing")
+    with nn.intercept_methods(_Interceptor(dropout_active=active)):
         return model.apply(variables, *args, rngs=rngs or None, **apply_kwargs)

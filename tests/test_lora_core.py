@@ -162,7 +162,8 @@ class Scanned(nn.Module):
     @nn.compact
     def __call__(self, x):
         body = nn.scan(
-            nn.remat(_ScanBlock), variable_axes={"params": 0}, split_rngs={"params": True},
+            nn.remat(_ScanBlock), variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
             length=self.layers,
         )
         x, _ = body(name="layers")(x, None)
@@ -328,3 +329,22 @@ def test_a_target_on_an_unsupported_layer_is_named():
 def test_bad_spec_values_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         lr.LoraSpec(**kwargs)
+
+
+def test_dropout_works_in_scanned_layers_through_the_model_dropout_stream():
+    x = jax.random.normal(jax.random.key(0), (4, 8))
+    scanned = Scanned()
+    params = scanned.init(jax.random.key(1), x)["params"]
+    spec = lr.LoraSpec(rank=2, dropout=0.5)
+    layouts = lr.discover_layouts(scanned, params, x)
+    adapters = _randomize(lr.init_adapters(jax.random.key(2), params, spec, layouts=layouts),
+                          jax.random.key(3))
+    key = jax.random.key(9)
+    trained = lr.apply(scanned, params, adapters, x, lora_rng=key)
+    same = lr.apply(scanned, params, adapters, x, rngs={"dropout": key}, lora_rng=True)
+    np.testing.assert_array_equal(trained, same)
+    assert float(jnp.abs(trained - lr.apply(scanned, params, adapters, x)).max()) > 1e-3
+    with pytest.raises(ValueError, match="both given"):
+        lr.apply(scanned, params, adapters, x, rngs={"dropout": key}, lora_rng=key)
+    with pytest.raises(ValueError, match="missing"):
+        lr.apply(scanned, params, adapters, x, lora_rng=True)
