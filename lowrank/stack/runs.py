@@ -1,0 +1,253 @@
+"""Training runs given as configs, many at once: which runs can share a stack, and
+``train_stacked(configs) -> one result per run``.
+
+Runs share a stack when they differ only in :data:`MEMBER_KEYS` (seed, LoRA rank, alpha,
+targets, trained leaves, learning rate and schedule, weight decay, Adam's betas and epsilon)
+and in fields that don't change what is computed (``lowrank.results.UNHASHED``: workdir,
+logging, checkpointing). Everything else (the task, model, data, steps, batch size, dropout,
+clipping, dtypes) is one value per stack.
+
+Each member's seed does what it does in its own run: it seeds the adapter initialisation,
+the per-step PRNG keys (adapter dropout) and the data order. Members with one seed share each
+batch; members with different seeds get their own batches, stacked along the member axis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from lowrank import results
+from lowrank.stack.layout import stack_states, unstack_states
+from lowrank.stack.step import make_stacked_eval_step, make_stacked_train_step
+from lowrank.train.evaluate import evaluate
+from lowrank.train.loop import TrainResult, check_config, init_state, optimizer
+from lowrank.train.precision import resolve_dtype
+from lowrank.train.step import make_loss_fn
+from lowrank.train.stepping import NonFiniteLoss
+from lowrank.train.task import Task, load_task
+
+MEMBER_KEYS = (
+    "seed",
+    "lora.rank", "lora.alpha", "lora.targets", "lora.exclude", "lora.rank_pattern",
+    "lora.alpha_pattern", "lora.rslora", "lora.init", "lora.trainable",
+    "optimizer.learning_rate", "optimizer.schedule", "optimizer.warmup_steps",
+    "optimizer.end_learning_rate", "optimizer.weight_decay", "optimizer.b1", "optimizer.b2",
+    "optimizer.eps",
+)
+"""Config fields in which the members of one stack may differ."""
+
+STACKABLE_INITS = ("kaiming", "gaussian")  # pissa and loftq change the frozen base per run
+
+
+def _ignored(key: str, member_keys: Sequence[str]) -> bool:
+    return key in member_keys or any(
+        key == u or (u.endswith(".") and key.startswith(u)) for u in results.UNHASHED)
+
+
+def shared_fields(config: Any, member_keys: Sequence[str] = MEMBER_KEYS) -> dict[str, Any]:
+    """The flattened fields of ``config`` that every member of its stack must share.
+
+    >>> from lowrank.train import default_config
+    >>> fields = shared_fields(default_config())
+    >>> "steps" in fields, "seed" in fields, "lora.rank" in fields
+    (True, False, False)
+    """
+    flat = results.flatten(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    return {k: v for k, v in flat.items() if not _ignored(k, member_keys)}
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)  # tuples and lists alike
+
+
+def _key(config: Any, member_keys: Sequence[str]) -> str:
+    return _json(shared_fields(config, member_keys))
+
+
+def group_compatible(
+    configs: Sequence[Any],
+    *,
+    max_size: int | None = None,
+    member_keys: Sequence[str] = MEMBER_KEYS,
+) -> list[list[int]]:
+    """Indices of ``configs`` grouped into stacks: runs that share every field outside
+    ``member_keys``, in order of first appearance, each group cut into pieces of at most
+    ``max_size`` runs.
+
+    >>> from lowrank.train import default_config
+    >>> configs = [default_config() for _ in range(4)]
+    >>> configs[1].lora.rank, configs[2].steps, configs[3].seed = 2, 7, 1
+    >>> group_compatible(configs), group_compatible(configs, max_size=2)
+    ([[0, 1, 3], [2]], [[0, 1], [3], [2]])
+    """
+    if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
+        raise ValueError(f"max_size must be an integer >= 1 or None, got {max_size!r}")
+    groups: dict[str, list[int]] = {}
+    for i, config in enumerate(configs):
+        groups.setdefault(_key(config, member_keys), []).append(i)
+    size = max_size or max(len(configs), 1)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def check_compatible(configs: Sequence[Any], member_keys: Sequence[str] = MEMBER_KEYS) -> None:
+    """Raises a ValueError naming the first field in which a config differs from the first
+    one outside ``member_keys`` (those runs cannot share a stack).
+
+    >>> from lowrank.train import default_config
+    >>> a, b = default_config(), default_config()
+    >>> b.batch_size = 16
+    >>> check_compatible([a, b])
+    Traceback (most recent call last):
+    ...
+    ValueError: runs 0 and 1 cannot share a stack: batch_size is 32 in run 0 and 16 in run 1 \
+(members may differ only in seed, lora.rank, lora.alpha, lora.targets, lora.exclude, \
+lora.rank_pattern, lora.alpha_pattern, lora.rslora, lora.init, lora.trainable, \
+optimizer.learning_rate, optimizer.schedule, optimizer.warmup_steps, \
+optimizer.end_learning_rate, optimizer.weight_decay, optimizer.b1, optimizer.b2, optimizer.eps)
+    """
+    if not configs:
+        raise ValueError("no configs to stack: give at least one")
+    first = shared_fields(configs[0], member_keys)
+    for i, config in enumerate(configs[1:], start=1):
+        other = shared_fields(config, member_keys)
+        for key in sorted(set(first) | set(other)):
+            missing = "<missing>"
+            if _json(first.get(key, missing)) != _json(other.get(key, missing)):
+                raise ValueError(
+                    f"runs 0 and {i} cannot share a stack: {key} is "
+                    f"{first.get(key, missing)!r} in run 0 and {other.get(key, missing)!r} in "
+                    f"run {i} (members may differ only in {', '.join(member_keys)})")
+
+
+def _check_stackable(configs: Sequence[Any]) -> None:
+    for i, config in enumerate(configs):
+        check_config(config)
+        if config.parallel.mode != "jit":
+            raise ValueError(f"run {i}: config.parallel.mode {config.parallel.mode!r} is not "
+                             "stackable; stacks run with parallel.mode='jit'")
+        if config.lora.init not in STACKABLE_INITS:
+            raise ValueError(f"run {i}: config.lora.init {config.lora.init!r} changes the "
+                             f"frozen base, which a stack shares; stackable: {STACKABLE_INITS}")
+
+
+def adamw_arguments(config: Any, schedule: Any) -> dict[str, Any]:
+    """The ``lowrank.optim.adamw`` arguments of ``config.optimizer`` (as
+    ``lowrank.train.optimizer`` uses them), with ``schedule`` as the learning rate.
+
+    >>> from lowrank.train import default_config
+    >>> sorted(adamw_arguments(default_config(), 1e-3))[:3]
+    ['b1', 'b2', 'clip_norm']
+    """
+    o = config.optimizer
+    return dict(learning_rate=schedule, weight_decay=o.weight_decay,
+                loraplus_ratio=o.loraplus_ratio, clip_norm=o.clip_norm, b1=o.b1, b2=o.b2,
+                eps=o.eps)
+
+
+def _stack_batches(task: Task, seeds: Sequence[int], step: int) -> dict:
+    by_seed = {s: task.train_batch(s, step) for s in dict.fromkeys(seeds)}
+    if len(by_seed) == 1:
+        return next(iter(by_seed.values()))
+    return jax.tree.map(lambda *xs: np.stack(xs), *(by_seed[s] for s in seeds))
+
+
+def _non_finite(step: int, loss: float) -> NonFiniteLoss:
+    return NonFiniteLoss(
+        f"the training loss is {loss} at step {step} (computed on the batch of step "
+        f"{step - 1}): this member's results are void (the other members of its stack are "
+        "unaffected). Try a lower learning rate, gradient clipping (optimizer.clip_norm), or "
+        "check that batch")
+
+
+def train_stacked(
+    configs: Sequence[Any],
+    task: Task | None = None,
+    *,
+    member_keys: Sequence[str] = MEMBER_KEYS,
+) -> list[TrainResult | NonFiniteLoss]:
+    """Trains the runs of ``configs`` as one stack; returns, per run, what
+    ``lowrank.train.train(config, task)`` would (its state in its own layout, last train
+    metrics, evaluation metrics), or the ``NonFiniteLoss`` its run would have raised.
+
+    Nothing is written to a workdir (no checkpoints, metrics files or exports), and a stack
+    does not resume. ``loop_seconds`` is the stack's: the time of K runs' steps together.
+
+    Args:
+      configs: ``lowrank.train`` configs that :func:`check_compatible` accepts.
+      task: the shared task; default: built by ``configs[0].task``.
+      member_keys: the fields members may differ in (a caller may add fields of its own that
+        the task ignores).
+
+    >>> from lowrank.train import default_config
+    >>> configs = [default_config() for _ in range(2)]
+    >>> for config, rank in zip(configs, (2, 4)):
+    ...     config.steps, config.batch_size, config.quiet, config.lora.rank = 2, 8, True, rank
+    >>> [r.trainable["hidden_0"]["kernel"].rank for r in train_stacked(configs)]
+    [2, 4]
+    """
+    configs = list(configs)
+    check_compatible(configs, member_keys)
+    _check_stackable(configs)
+    first = configs[0]
+    task = task if task is not None else load_task(first)
+    loss_fn = make_loss_fn(task.model, task.forward, task.loss,
+                           compute_dtype=resolve_dtype(first.compute_dtype), remat=first.remat)
+    schedules_txs = [optimizer(c) for c in configs]
+    states = [init_state(c, task) for c in configs]
+    templates = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s)
+                 for s in states]
+    stacked = stack_states(states, task.params, [tx for _, tx in schedules_txs])
+    del states
+    seeds = [c.seed for c in configs]
+    step = jax.jit(make_stacked_train_step(
+        loss_fn, [adamw_arguments(c, s) for c, (s, _) in zip(configs, schedules_txs, strict=True)],
+        micro_batches=first.micro_batches, per_member_batches=len(set(seeds)) > 1,
+    ), donate_argnums=0)
+    frozen = task.params
+    history, started = [], None
+    for i in range(first.steps):
+        stacked, metrics = step(stacked, frozen, _stack_batches(task, seeds, i))
+        history.append(metrics)
+        if i == 0:  # the first step includes compilation: time the rest
+            jax.block_until_ready(metrics)
+            started = time.perf_counter()
+    jax.block_until_ready(stacked)
+    loop_seconds = time.perf_counter() - started if started is not None else 0.0
+    timed_steps = max(first.steps - 1, 0)
+    history = jax.device_get(history)
+    evals = _evaluate(task, stacked, frozen, loss_fn)
+    out: list[TrainResult | NonFiniteLoss] = []
+    for k, state in enumerate(unstack_states(stacked, templates)):
+        losses = [float(m["loss"][k]) for m in history]
+        bad = next((s for s, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        if bad is not None:
+            out.append(_non_finite(bad + 1, losses[bad]))
+            continue
+        metrics = {name: float(value[k]) for name, value in history[-1].items()}
+        metrics["step_seconds"] = loop_seconds / timed_steps if timed_steps else float("nan")
+        out.append(TrainResult(state, metrics, evals[k] if evals else None, 0, loop_seconds,
+                               timed_steps, None))
+    return out
+
+
+def _evaluate(task: Task, stacked, frozen, loss_fn) -> list[dict[str, float]] | None:
+    """Each member's evaluation metrics, from one stacked pass over the eval batches."""
+    if task.eval_batches is None:
+        return None
+    eval_step = jax.jit(make_stacked_eval_step(loss_fn))
+    per_batch = [jax.device_get(eval_step(stacked, frozen, b)) for b in task.eval_batches()]
+
+    def member(k: int) -> list[Mapping[str, float]]:
+        return [{name: v[k] for name, v in m.items()} for m in per_batch]
+
+    # ``evaluate`` combines batches by their weights; here each "batch" is already the
+    # member's metrics of that batch, so the step hands it back.
+    return [evaluate(lambda _t, _f, metrics: metrics, None, None, member(k))
+            for k in range(stacked.size)]
