@@ -30,7 +30,7 @@ def make_config(args, workdir: str | None) -> ml_collections.ConfigDict:
     config = lt.default_config()
     config.steps, config.batch_size, config.quiet = args.steps, args.batch_size, False
     config.workdir = workdir
-    config.checkpoint.every, config.checkpoint.keep = 100, 2
+    config.checkpoint.every, config.checkpoint.keep = args.checkpoint_every, 2
     config.lora.rank, config.lora.targets = 8, r"hidden_\d+/kernel"
     config.export_adapters = False
     with config.unlocked():
@@ -43,7 +43,8 @@ def make_config(args, workdir: str | None) -> ml_collections.ConfigDict:
 
 def bare_seconds_per_step(config, task) -> float:
     schedule, tx = lt.optimizer(config)
-    loss_fn = lt.make_loss_fn(task.model, task.forward, task.loss)
+    dtype = lt.resolve_dtype(config.compute_dtype)  # as train() computes
+    loss_fn = lt.make_loss_fn(task.model, task.forward, task.loss, compute_dtype=dtype)
     step = jax.jit(lt.make_train_step(loss_fn, tx, schedule=schedule), donate_argnums=0)
     state = lt.init_state(config, task)
     state, _ = step(state, task.params, task.train_batch(config.seed, 0))
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
     args = parser.parse_args()
 
     config = make_config(args, None)
@@ -81,7 +83,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} "
           f"{jax.default_backend()} device(s), jax {jax.__version__}")
     print(f"model: toy MLP, {args.depth} x Dense({args.width}), LoRA r=8, batch "
-          f"{args.batch_size}, {args.steps} steps, {args.rounds} rounds")
+          f"{args.batch_size}, {args.steps} steps, {args.rounds} rounds, checkpoint every "
+          f"{args.checkpoint_every} steps, compute dtype {lt.resolve_dtype(config.compute_dtype)}")
     print("| | ms / step (median) | all rounds |")
     print("|---|---|---|")
     print(f"| bare jitted step | {1e3 * b:.3f} | {', '.join(f'{1e3 * x:.3f}' for x in bare)} |")

@@ -52,6 +52,7 @@ def _max_diff(a, b):
                zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+@jax.default_matmul_precision("highest")  # GPUs would otherwise multiply float32 in TF32
 def test_accumulating_4_micro_batches_equals_one_batch_4x_as_large():
     batch = TASK.train_batch(0, 0)  # 16 examples: 4 micro-batches of 4
     whole, whole_metrics = _run(1, batch)
@@ -128,6 +129,7 @@ def test_cast_floating_tells_quantized_weights_their_compute_dtype():
     assert quant.dequantize(cast["q"]).dtype == jnp.bfloat16
 
 
+@jax.default_matmul_precision("highest")
 def test_a_quantized_frozen_base_trains():
     frozen = dict(TASK.params)
     frozen["hidden_0"] = {**frozen["hidden_0"],
@@ -175,6 +177,7 @@ def test_losses_ignore_padding_and_masked_tokens():
         classification_loss(logits, {"labels": jnp.array([0, 1])})
 
 
+@jax.default_matmul_precision("highest")
 def test_evaluate_over_padded_batches_equals_one_pass_over_the_examples():
     loss_fn = make_loss_fn(TASK.model, TASK.forward, TASK.loss)
     eval_step = jax.jit(make_eval_step(loss_fn))
