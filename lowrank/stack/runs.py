@@ -14,6 +14,7 @@ batch; members with different seeds get their own batches, stacked along the mem
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -151,6 +152,17 @@ def adamw_arguments(config: Any, schedule: Any) -> dict[str, Any]:
                 eps=o.eps)
 
 
+def _init_states(configs: Sequence[Any], task: Task) -> list:
+    """Each run's ``init_state``, traced into one program (one compilation, not K)."""
+
+    @jax.jit
+    def init_all(params):
+        shared = dataclasses.replace(task, params=params)
+        return [init_state(c, shared) for c in configs]
+
+    return init_all(task.params)
+
+
 def _stack_batches(task: Task, seeds: Sequence[int], step: int) -> dict:
     by_seed = {s: task.train_batch(s, step) for s in dict.fromkeys(seeds)}
     if len(by_seed) == 1:
@@ -200,7 +212,7 @@ def train_stacked(
     loss_fn = make_loss_fn(task.model, task.forward, task.loss,
                            compute_dtype=resolve_dtype(first.compute_dtype), remat=first.remat)
     schedules_txs = [optimizer(c) for c in configs]
-    states = [init_state(c, task) for c in configs]
+    states = _init_states(configs, task)
     templates = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s)
                  for s in states]
     stacked = stack_states(states, task.params, [tx for _, tx in schedules_txs])
