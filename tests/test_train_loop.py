@@ -126,6 +126,10 @@ def test_resuming_with_different_lora_settings_or_base_names_the_difference(tmp_
     other_base = dataclasses.replace(TASK, params=jax.tree.map(lambda x: x + 1, TASK.params))
     with pytest.raises(ValueError, match=r"base\.sha256: checkpoint has"):
         lt.train(_config(tmp_path, steps=4), other_base)
+    changed_seed = _config(tmp_path, steps=4)
+    changed_seed.seed = 1
+    with pytest.raises(ValueError, match=r"run\.seed: checkpoint has 0, this run has 1"):
+        lt.train(changed_seed, TASK)
     config = _config(tmp_path, steps=4)
     config.checkpoint.resume = False
     with pytest.raises(ValueError, match="holds checkpoints and config.checkpoint.resume is False"):
@@ -221,7 +225,8 @@ def slow_batch(seed, step):  # slow enough to be killed in the middle
     time.sleep(0.05)
     return TASK.train_batch(seed, step)
 
-lt.train(kill_config(sys.argv[1]), dataclasses.replace(TASK, train_batch=slow_batch))
+task = dataclasses.replace(TASK, train_batch=slow_batch, eval_batches=None)
+lt.train(kill_config(sys.argv[1]), task)
 """
 
 
@@ -247,9 +252,10 @@ def test_a_run_killed_with_sigkill_resumes_bit_identical(tmp_path):
     killed_at = max(_checkpoint_steps(workdir / "checkpoints"))
     assert 8 <= killed_at < KILL_STEPS
 
-    resumed = lt.train(kill_config(workdir), TASK)
+    task = dataclasses.replace(TASK, eval_batches=None)
+    resumed = lt.train(kill_config(workdir), task)
     assert resumed.start_step == killed_at and int(resumed.state.step) == KILL_STEPS
-    uninterrupted = lt.train(kill_config(None), TASK)
+    uninterrupted = lt.train(kill_config(None), task)
     assert _leaves_equal(resumed.trainable, uninterrupted.trainable)
     assert _leaves_equal(resumed.state.opt_state, uninterrupted.state.opt_state)
     steps = [r["step"] for r in lt.read_jsonl(workdir) if "train/loss" in r]

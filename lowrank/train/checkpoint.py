@@ -74,7 +74,7 @@ def differences(saved: Mapping, current: Mapping) -> list[str]:
     ['lora.rank: checkpoint has 4, this run has 8']
     """
     lines = []
-    for section in ("lora", "adapters", "base"):
+    for section in ("lora", "adapters", "base", "run"):
         old, new = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(old) | set(new), key=str):
             if key not in new:

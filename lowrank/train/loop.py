@@ -214,6 +214,7 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
         "lora": config.lora.to_dict(),
         "adapters": ckpt_lib.adapter_summary(abstract.trainable),
         "base": {"source": task.source, "sha256": ckpt_lib.fingerprint(task.params)},
+        "run": {"seed": config.seed, "batch_size": config.batch_size},  # fix the data order
     })
     workdir = pathlib.Path(config.workdir) if config.workdir else None
     checkpointer = writer = progress = None
@@ -235,8 +236,6 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
         placed = loop.run(runner.place_state(state), runner.place_frozen(task.params),
                           jax.jit(make_eval_step(loss_fn)))
         final = runner.host_state(placed)
-        if checkpointer is not None and checkpointer.latest_step() != config.steps:
-            checkpointer.save(config.steps, final, config=loop.config_json, meta=meta)
         if workdir is not None and config.export_adapters:
             export_adapters(workdir / ADAPTERS, final.trainable, lora=meta["lora"],
                             base=meta["base"])

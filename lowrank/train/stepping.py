@@ -45,7 +45,8 @@ def pack_metrics(train_step):
 
 
 class StepLoop:
-    """Runs steps ``start .. config.steps - 1`` on a runner whose step packs its metrics."""
+    """Runs steps ``start .. config.steps - 1`` on a runner whose step packs its metrics,
+    checkpointing every ``config.checkpoint.every`` steps and after the last."""
 
     def __init__(self, config, task, runner, metric_names, *, checkpointer, writer, progress,
                  meta, start):
@@ -72,7 +73,7 @@ class StepLoop:
             placed, metrics = runner.step(placed, frozen, runner.place_batch(batch))
             pending.append((i + 1, metrics))
             done = i + 1
-            save = every and done % every == 0
+            save = every and (done % every == 0 or done == config.steps)
             run_eval = config.eval.every and done % config.eval.every == 0
             if save or run_eval or done == config.steps:
                 self._read(pending)
