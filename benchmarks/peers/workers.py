@@ -1,0 +1,140 @@
+"""Timing the same work in several worker processes, in alternation, with their peak memory.
+
+Each framework runs in its own process (ours in lowrank's environment, the peers in the
+reference one), so this module needs only the standard library and numpy. A worker builds
+its step once, warms it up, then for each request ``n`` on stdin runs ``n`` timed steps and
+answers with their times and the peak resident memory over them. The driver asks the workers
+for repetitions in turns (the order rotating every round), so the machine's load, which
+drifts, falls on every worker alike; ratios are taken per round, between neighbours in time.
+
+    # in a worker:   serve(lambda: (run_one_step, {"framework": ...}))
+    # in the driver: workers = {"ours": Worker([...]), "peer": Worker([...])}
+    #                result = alternate(workers, rounds=5, reps=2)
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory (``VmRSS``) or its high-water mark (``VmHWM``), bytes.
+
+    >>> rss_bytes() > 0
+    True
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def reset_peak_rss() -> None:
+    """Restarts ``VmHWM`` from the current resident size (Linux ``clear_refs`` code 5), so that
+    the peak of the next steps excludes what loading and compiling once took."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def serve(build: Callable[[], tuple[Callable[[], Any], dict]],
+          preload: Sequence[str] = ()) -> None:
+    """The worker's loop: ``build() -> (run, info)``, then time ``run`` on request.
+
+    ``run`` performs one whole step and returns when its results are ready. The modules named
+    in ``preload`` (the framework) are imported first. The first line written is ``info`` plus
+    ``rss_baseline`` (resident bytes before ``build``: the interpreter and the preloaded
+    modules) and ``rss_built`` (after building and two warm-up steps); then one line per
+    request: ``{"times": [...], "peak_rss": bytes}``.
+    """
+    for name in preload:
+        importlib.import_module(name)
+    baseline = rss_bytes()
+    run, info = build()
+    for _ in range(2):  # compilation, first-touch allocations, lazy initialisation
+        run()
+    info = {**info, "rss_baseline": baseline, "rss_built": rss_bytes()}
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        reset_peak_rss()
+        times = []
+        for _ in range(int(line)):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        print(json.dumps({"times": times, "peak_rss": rss_bytes("VmHWM")}), flush=True)
+
+
+class Worker:
+    """A worker process: ``cmd`` must call :func:`serve`; the repository is on its path.
+
+    >>> w = Worker([sys.executable, "-c", "..."])  # doctest: +SKIP
+    >>> w.info["rss_baseline"], w.run(3)["times"]  # doctest: +SKIP
+    """
+
+    def __init__(self, cmd: Sequence[str]):
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.cmd = list(cmd)
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=REPO)
+        self.info = self._reply()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise RuntimeError(f"worker {' '.join(self.cmd)} exited with code {code} before "
+                               "answering (its stderr is above)")
+        return json.loads(line)
+
+    def run(self, n: int) -> dict:
+        """Times ``n`` steps: ``{"times": [...], "peak_rss": bytes}``."""
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def alternate(workers: Mapping[str, Worker], rounds: int, reps: int) -> dict[str, dict]:
+    """``reps`` steps of each worker per round, in an order that rotates every round.
+
+    Returns per worker: ``times`` (all steps), ``round_medians`` (one per round, in round
+    order, so that two workers' lists pair up by round) and ``peak_rss`` (the largest over
+    all rounds).
+    """
+    names = list(workers)
+    out = {k: {"times": [], "round_medians": [], "peak_rss": 0} for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        if r % 2:
+            order = order[::-1]
+        for k in order:
+            reply = workers[k].run(reps)
+            out[k]["times"] += reply["times"]
+            out[k]["round_medians"].append(float(np.median(reply["times"])))
+            out[k]["peak_rss"] = max(out[k]["peak_rss"], reply["peak_rss"])
+    return out
+
+
+def paired_ratio(num: dict, den: dict) -> float:
+    """Median over rounds of ``num``'s round median / ``den``'s (robust to load drift).
+
+    >>> paired_ratio({"round_medians": [1.0, 2.0, 3.0]}, {"round_medians": [2.0, 2.0, 2.0]})
+    1.0
+    """
+    return float(np.median(np.divide(num["round_medians"], den["round_medians"])))
