@@ -64,6 +64,8 @@ def _path_key(key: jax.Array, path: str) -> jax.Array:
 
 
 def _validate_targets(flat: Mapping[str, Any], spec: LoraSpec) -> list[str]:
+    if spec.targets is None:  # full-rank training only (a head, or full fine-tuning)
+        return []
     all_paths = list(flat)
     targets = paths.select(all_paths, spec.targets)
     if not targets:

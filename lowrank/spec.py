@@ -40,7 +40,8 @@ class LoraSpec:
       rank: default rank r of every adapter.
       alpha: default alpha; the adapter output is scaled by ``alpha / r`` (``alpha / sqrt(r)``
         with ``rslora``).
-      targets: regex of the weights that get a low-rank adapter.
+      targets: regex of the weights that get a low-rank adapter; None for none (only the
+        ``trainable`` leaves are trained: a head-only or full fine-tuning baseline).
       exclude: regex of weights removed from ``targets``.
       rank_pattern: ``{regex: rank}`` overrides, first match wins (as PEFT's ``rank_pattern``).
       alpha_pattern: ``{regex: alpha}`` overrides, first match wins.
@@ -60,7 +61,7 @@ class LoraSpec:
 
     rank: int = 8
     alpha: float = 16.0
-    targets: str = r".*kernel"
+    targets: str | None = r".*kernel"
     exclude: str | None = None
     rank_pattern: tuple = ()
     alpha_pattern: tuple = ()
@@ -76,6 +77,8 @@ class LoraSpec:
         set_(self, "alpha_pattern", _as_pairs(self.alpha_pattern, "alpha_pattern"))
         for name in ("targets", "exclude", "trainable"):
             _check_regex(getattr(self, name), name)
+        if self.targets is None and self.trainable is None:
+            raise ValueError("LoraSpec has neither targets nor trainable leaves: nothing to train")
         ranks = [("rank", self.rank)] + [(f"rank_pattern[{p!r}]", r) for p, r in self.rank_pattern]
         for where, r in ranks:
             if not isinstance(r, int) or isinstance(r, bool) or r < 1:

@@ -348,3 +348,13 @@ def test_dropout_works_in_scanned_layers_through_the_model_dropout_stream():
         lr.apply(scanned, params, adapters, x, rngs={"dropout": key}, lora_rng=key)
     with pytest.raises(ValueError, match="missing"):
         lr.apply(scanned, params, adapters, x, lora_rng=True)
+
+
+def test_a_spec_without_targets_trains_full_rank_leaves_only():
+    params = _dense_params()
+    adapters = lr.init_adapters(jax.random.key(0), params, lr.LoraSpec(targets=None,
+                                                                        trainable=".*"))
+    assert sorted(adapters) == ["bias", "kernel"]
+    assert not any(isinstance(v, LoraPair) for v in adapters.values())
+    with pytest.raises(ValueError, match="nothing to train"):
+        lr.LoraSpec(targets=None)
