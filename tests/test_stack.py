@@ -13,7 +13,15 @@ import pytest
 
 from lowrank import optim, quant, stack
 from lowrank.lora import LoraPair
-from lowrank.train import TrainState, default_config, init_state, load_task, optimizer, train
+from lowrank.train import (
+    NonFiniteLoss,
+    TrainState,
+    default_config,
+    init_state,
+    load_task,
+    optimizer,
+    train,
+)
 from lowrank.train.step import make_loss_fn
 
 HIDDEN = r"hidden_\d+/kernel"
@@ -63,11 +71,16 @@ def quantized_task(task):
     return dataclasses.replace(task, params=quant.quantize_tree(task.params, QUANT))
 
 
+# A member whose loss becomes NaN at step 2 (as its own run would): it gets that error, and
+# the others are unaffected.
+DIVERGING = {"seed": 3, "lora.rank": 2, "optimizer.learning_rate": 1e30}
+
+
 @pytest.fixture(scope="module")
 def runs(quantized_task):
     configs = [_config(m) for m in MEMBERS]
-    return (configs, stack.train_stacked(configs, quantized_task),
-            [train(c, quantized_task) for c in configs])
+    stacked = stack.train_stacked([*configs, _config(DIVERGING)], quantized_task)
+    return configs, stacked, [train(c, quantized_task) for c in configs]
 
 
 def _max_diff(a, b) -> float:
@@ -92,7 +105,9 @@ def _assert_same_run(stacked, alone):
 
 
 def test_each_member_equals_its_own_run_over_a_quantized_base(runs):
-    configs, stacked, alone = runs
+    configs, (*stacked, diverged), alone = runs
+    assert isinstance(diverged, NonFiniteLoss)
+    assert "the training loss is nan at step 2" in str(diverged)
     assert [r.trainable["hidden_0"]["kernel"].rank for r in stacked] == [1, 4, 16]
     assert "hidden_1" not in stacked[2].trainable and "head" in stacked[2].trainable
     for s, a in zip(stacked, alone, strict=True):
@@ -219,6 +234,8 @@ def test_incompatible_runs_are_refused_by_name(task):
         stack.train_stacked([_config({"lora.init": "pissa"})], task)
     with pytest.raises(ValueError, match="'pmap' is not stackable"):
         stack.train_stacked([_config({"parallel.mode": "pmap"})], task)
+    with pytest.raises(ValueError, match="config.workdir is '/tmp/runs'.*set config.workdir"):
+        stack.train_stacked([_config({"workdir": "/tmp/runs"})], task)
 
 
 def test_group_compatible_keeps_order_and_size():
@@ -273,3 +290,20 @@ def test_bad_optimizers_and_layouts_are_refused_by_name():
             [state(pair), TrainState.create({**head, "e": jnp.ones(2)}, optax.sgd(0.1),
                                             jax.random.key(0))],
             {"e": quant.quantize(jnp.ones((64,)), "int8")}, [optax.sgd(0.1)] * 2)
+
+
+@pytest.mark.slow
+def test_tiny_bbc_rank_sweep_members_equal_their_own_runs():
+    """The experiments' tiny BBC config (BERT with attention, LayerNorm, a trained head):
+    a stack of ranks 1 and 4 equals the two runs made one after another."""
+    from configs import tasks
+    from configs.finetune_bbc import get_config
+    from lowrank import results
+
+    base = get_config("tiny")
+    configs = [tasks.training_config(results.apply_overrides(base, {"lora.rank": r, "seed": s}))
+               for r, s in ((1, 0), (4, 1))]
+    assert stack.group_compatible(configs) == [[0, 1]]
+    task, _ = tasks.build(configs[0])
+    for s, c in zip(stack.train_stacked(configs, task), configs, strict=True):
+        _assert_same_run(s, train(c, task))

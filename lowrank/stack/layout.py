@@ -175,8 +175,9 @@ def stack_states(
       states: one ``TrainState`` per member, as its own run would start (e.g. from
         ``lowrank.train.init_state``).
       frozen: the shared frozen tree (values for full-rank leaves some members don't train).
-      txs: each member's optimizer; its state for the stack's layout comes from ``init`` on
-        the padded trainable tree, then the member's own optimizer state is copied in.
+      txs: each member's optimizer: the structure of its state on the stack's trainable
+        tree (``jax.eval_shape``), filled with the member's own optimizer state; entries it
+        lacks (targets or leaves it does not train) start at zero, as AdamW's moments do.
     """
     if not states:
         raise ValueError("stack_states needs at least one member state, got none")

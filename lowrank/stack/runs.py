@@ -133,6 +133,10 @@ def _check_stackable(configs: Sequence[Any]) -> None:
         if config.parallel.mode != "jit":
             raise ValueError(f"run {i}: config.parallel.mode {config.parallel.mode!r} is not "
                              "stackable; stacks run with parallel.mode='jit'")
+        if config.workdir:
+            raise ValueError(f"run {i}: config.workdir is {config.workdir!r}, but a stack "
+                             "writes no checkpoints, metrics files or exports (its results "
+                             "come back as TrainResults): set config.workdir to None")
         if config.lora.init not in STACKABLE_INITS:
             raise ValueError(f"run {i}: config.lora.init {config.lora.init!r} changes the "
                              f"frozen base, which a stack shares; stackable: {STACKABLE_INITS}")
@@ -189,7 +193,8 @@ def train_stacked(
     metrics, evaluation metrics), or the ``NonFiniteLoss`` its run would have raised.
 
     Nothing is written to a workdir (no checkpoints, metrics files or exports), and a stack
-    does not resume. ``loop_seconds`` is the stack's: the time of K runs' steps together.
+    does not resume. ``loop_seconds`` (and ``loop_cpu_seconds``) are the stack's: the time of
+    K runs' steps together.
 
     Args:
       configs: ``lowrank.train`` configs that :func:`check_compatible` accepts.
@@ -223,15 +228,16 @@ def train_stacked(
         micro_batches=first.micro_batches, per_member_batches=len(set(seeds)) > 1,
     ), donate_argnums=0)
     frozen = task.params
-    history, started = [], None
+    history, started, cpu_started = [], None, None
     for i in range(first.steps):
         stacked, metrics = step(stacked, frozen, _stack_batches(task, seeds, i))
         history.append(metrics)
         if i == 0:  # the first step includes compilation: time the rest
             jax.block_until_ready(metrics)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
     jax.block_until_ready(stacked)
     loop_seconds = time.perf_counter() - started if started is not None else 0.0
+    loop_cpu_seconds = time.process_time() - cpu_started if started is not None else 0.0
     timed_steps = max(first.steps - 1, 0)
     history = jax.device_get(history)
     evals = _evaluate(task, stacked, frozen, loss_fn)
@@ -244,8 +250,10 @@ def train_stacked(
             continue
         metrics = {name: float(value[k]) for name, value in history[-1].items()}
         metrics["step_seconds"] = loop_seconds / timed_steps if timed_steps else float("nan")
-        out.append(TrainResult(state, metrics, evals[k] if evals else None, 0, loop_seconds,
-                               timed_steps, None))
+        out.append(TrainResult(
+            state=state, metrics=metrics, eval_metrics=evals[k] if evals else None,
+            start_step=0, loop_seconds=loop_seconds, loop_cpu_seconds=loop_cpu_seconds,
+            timed_steps=timed_steps, workdir=None))
     return out
 
 
