@@ -170,8 +170,10 @@ def method_table(frame: pd.DataFrame, ranks: Sequence[int] = (8,)) -> Table:
     keep = (frame["config.method"] != "lora") | frame["config.lora.rank"].isin(list(ranks))
     runs = frame[keep]
     names = runs.apply(method_name, axis=1)
+    order = {name: _method_order(row) for name, (_, row) in zip(names, runs.iterrows(),
+                                                                strict=True)}
     rows = []
-    for name in dict.fromkeys(sorted(names, key=lambda n: (_method_order(n), n))):
+    for name in sorted(order, key=order.get):
         sel = runs[names == name]
         rows.append([name, f"{int(sel['trainable_params'].iloc[0]):,}",
                      f"{sel['step_seconds'].mean():.2f}", f"{sel['peak_memory_mb'].mean():.0f}"])
@@ -181,12 +183,16 @@ def method_table(frame: pd.DataFrame, ranks: Sequence[int] = (8,)) -> Table:
     return Table(header, rows, caption)
 
 
-def _method_order(name: str) -> int:
-    if name.startswith("classifier"):
-        return 0
-    if name.startswith("full"):
-        return 2
-    return 1 if " over " not in name else 3
+def _method_order(row: pd.Series) -> tuple:
+    """Head only, LoRA (by target set, then rank), full fine-tuning, then quantized bases."""
+    method, dtype = row["config.method"], data_type(row)
+    if method != "lora":
+        return (0 if method == "head" else 2, 0, 0, 0)
+    adapt = list(ADAPT_NAMES).index(row["config.adapt"]) if row["config.adapt"] in ADAPT_NAMES \
+        else len(ADAPT_NAMES)
+    group = 1 if dtype == "float32" else 3
+    dtype_index = DATA_TYPES.index(dtype) if dtype in DATA_TYPES else len(DATA_TYPES)
+    return (group, dtype_index, adapt, int(row["config.lora.rank"]))
 
 
 def to_markdown(table: Table) -> str:
@@ -275,16 +281,6 @@ def plot_accuracy_vs_rank(frame: pd.DataFrame, path: str | Path,
     return True
 
 
-def _adapter_a(runs_dir: Path, experiment: str, config_hash: str, weight: str):
-    from safetensors.numpy import load_file
-
-    file = runs_dir / experiment / config_hash / "adapters" / "adapters.safetensors"
-    if not file.is_file():
-        return None
-    arrays = load_file(str(file))
-    return arrays.get(f"{weight}/a")
-
-
 def subspace_pairs(frame: pd.DataFrame, runs_dir: str | Path, experiment: str = "rank_ablation",
                    adapt: str = "qv", ranks: tuple[int, int] = (8, 64), seed: int = 0,
                    layer: int = 3) -> dict[str, tuple]:
@@ -301,9 +297,9 @@ def subspace_pairs(frame: pd.DataFrame, runs_dir: str | Path, experiment: str = 
         return out
     for name, module in (("W_q", "query"), ("W_v", "value")):
         weight = f"bert/encoder/layer_{layer}/attention/self/{module}/kernel"
-        pair = tuple(_adapter_a(Path(runs_dir), experiment, by_rank[r], weight) for r in ranks)
-        if all(a is not None for a in pair):
-            out[name] = pair
+        pairs = [_adapter_pair(Path(runs_dir), experiment, by_rank[r], weight) for r in ranks]
+        if all(p is not None for p in pairs):
+            out[name] = tuple(p[0] for p in pairs)
     return out
 
 
@@ -334,6 +330,65 @@ def plot_subspace_similarity(pairs: dict[str, tuple], path: str | Path, ranks=(8
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def _adapter_pair(runs_dir: Path, experiment: str, config_hash: str, weight: str):
+    from safetensors.numpy import load_file
+
+    file = runs_dir / experiment / config_hash / "adapters" / "adapters.safetensors"
+    if not file.is_file():
+        return None
+    arrays = load_file(str(file))
+    if f"{weight}/a" not in arrays:
+        return None
+    return arrays[f"{weight}/a"], arrays[f"{weight}/b"]
+
+
+def adapter_table(frame: pd.DataFrame, runs_dir: str | Path, base: dict,
+                  experiment: str = "rank_ablation", adapt: str = "qv", seed: int = 0,
+                  layer: int = 3) -> Table:
+    """Per rank, for the ``adapt`` runs of one seed at encoder layer ``layer``: effective
+    rank of each learnt update dW = (alpha / r) A B, its amplification factor
+    ||dW||_F / ||U^T W V||_F against the base weight W (the LoRA paper's Table 7), and the
+    subspace similarity of its top direction with the r=64 run's top-8 (phi(A_r, A_64, 1, 8)).
+
+    Args:
+      base: ``{weight path: W}`` of the frozen base (float arrays ``[in, out]``).
+    """
+    from lowrank.analysis import amplification_factor, effective_rank, subspace_similarity
+
+    header = ["rank r", "weight", "effective rank of dW", "amplification", "phi(A_r, A_64, 1, 8)"]
+    runs = _experiment(frame, experiment)
+    if runs.empty:
+        return Table(header, [], "")
+    lora = runs[(runs["config.method"] == "lora") & (runs["config.adapt"] == adapt)
+                & (runs["seed"] == seed)].sort_values("config.lora.rank")
+    rows = []
+    largest = {}
+    for _, run in lora.iloc[::-1].iterrows():  # the largest rank first, as the reference
+        for module in ("query", "value"):
+            weight = f"bert/encoder/layer_{layer}/attention/self/{module}/kernel"
+            pair = _adapter_pair(Path(runs_dir), experiment, run["config_hash"], weight)
+            if pair is None or weight not in base:
+                continue
+            a, b = pair
+            rank = int(run["config.lora.rank"])
+            largest.setdefault(module, (rank, a))
+            dw = (float(run["config.lora.alpha"]) / rank) * (a @ b)
+            ref_rank, ref_a = largest[module]
+            phi = subspace_similarity(a, ref_a, 1, min(8, ref_rank))
+            rows.append([str(rank), ADAPT_NAMES["q" if module == "query" else "v"],
+                         f"{float(effective_rank(dw)):.2f}",
+                         f"{float(amplification_factor(dw, base[weight], rank)):.1f}",
+                         f"{float(phi):.2f}"])
+    rows.sort(key=lambda row: (int(row[0]), row[1]))
+    ref = max((r for r, _ in largest.values()), default=0)
+    header[-1] = f"phi(A_r, A_{ref}, 1, 8)"
+    caption = (f"The learnt updates of the {ADAPT_NAMES[adapt]} runs (seed {seed}, encoder layer "
+               f"{layer}): Roy-Vetterli effective rank of dW = (alpha/r) A B; amplification "
+               "factor ||dW||_F / ||U^T W V||_F with U, V the top-r singular directions of dW; "
+               f"overlap of the top direction of A_r with the top 8 of A_{ref}.")
+    return Table(header, rows, caption)
 
 
 def report(frame: pd.DataFrame) -> list[tuple[str, Table]]:
@@ -375,7 +430,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.runs:
             plot_subspace_similarity(subspace_pairs(frame, args.runs),
                                      out / "subspace_similarity.png")
+    if args.runs and not _experiment(frame, "rank_ablation").empty:
+        table = adapter_table(frame, args.runs, _minilm_kernels())
+        if table.rows:
+            print("\n" + to_markdown(table))
+            if args.out:
+                with open(Path(args.out) / "tables.md", "a") as f:
+                    f.write("\n" + to_markdown(table) + "\n")
+                with open(Path(args.out) / "tables.tex", "a") as f:
+                    f.write("\n" + to_latex(table, "tab:adapters") + "\n")
     return 0
+
+
+def _minilm_kernels() -> dict:
+    """The query and value kernels of the real MiniLM, by path (as the runs name them)."""
+    from configs import tasks
+    from lowrank import paths
+
+    _, params = tasks._bert_base("minilm", 5, (0, 0, 0, 0))
+    return {p: np.asarray(v) for p, v in paths.flatten(params).items()
+            if p.endswith(("query/kernel", "value/kernel"))}
 
 
 if __name__ == "__main__":
