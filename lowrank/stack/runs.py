@@ -45,6 +45,8 @@ MEMBER_KEYS = (
 """Config fields in which the members of one stack may differ."""
 
 STACKABLE_INITS = ("kaiming", "gaussian")  # pissa and loftq change the frozen base per run
+# (TrainResult is gaining loop_cpu_seconds; fill whichever fields the installed one has.)
+_RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainResult))
 
 
 def _ignored(key: str, member_keys: Sequence[str]) -> bool:
@@ -250,10 +252,10 @@ def train_stacked(
             continue
         metrics = {name: float(value[k]) for name, value in history[-1].items()}
         metrics["step_seconds"] = loop_seconds / timed_steps if timed_steps else float("nan")
-        out.append(TrainResult(
-            state=state, metrics=metrics, eval_metrics=evals[k] if evals else None,
-            start_step=0, loop_seconds=loop_seconds, loop_cpu_seconds=loop_cpu_seconds,
-            timed_steps=timed_steps, workdir=None))
+        fields = dict(state=state, metrics=metrics, eval_metrics=evals[k] if evals else None,
+                      start_step=0, loop_seconds=loop_seconds, loop_cpu_seconds=loop_cpu_seconds,
+                      timed_steps=timed_steps, workdir=None)
+        out.append(TrainResult(**{f: fields[f] for f in _RESULT_FIELDS}))
     return out
 
 
