@@ -1,5 +1,5 @@
-"""``train(config)``: build or resume the state, run the steps (``stepping.StepLoop``), save
-the last checkpoint and the adapters export."""
+"""``train(config)``: build or resume the state, run the steps (``stepping.StepLoop``: metrics,
+checkpoints, evaluation), write the adapters export."""
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ class TrainResult:
       start_step: 0, or the checkpoint step the run resumed from.
       loop_seconds: wall time of the steps after the first one this run (compilation
         excluded), logging and checkpointing included.
+      loop_cpu_seconds: the process's CPU time (all threads) over the same span.
       timed_steps: how many steps ``loop_seconds`` covers.
       workdir: where files were written, or None.
     """
@@ -58,6 +59,7 @@ class TrainResult:
     eval_metrics: dict[str, float] | None
     start_step: int
     loop_seconds: float
+    loop_cpu_seconds: float
     timed_steps: int
     workdir: str | None
 
@@ -244,7 +246,8 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
             if resource is not None:
                 resource.close()
     return TrainResult(final, loop.last_metrics, loop.eval_metrics, start, loop.loop_seconds,
-                       max(config.steps - start - 1, 0), str(workdir) if workdir else None)
+                       loop.loop_cpu_seconds, max(config.steps - start - 1, 0),
+                       str(workdir) if workdir else None)
 
 
 def _resume(checkpointer, config, abstract: TrainState, meta: dict) -> TrainState | None:

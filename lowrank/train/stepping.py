@@ -57,9 +57,10 @@ class StepLoop:
         self.config_json = json.loads(config.to_json_best_effort())
         self.last_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] | None = None
-        self.loop_seconds = 0.0
+        self.loop_seconds = self.loop_cpu_seconds = 0.0
         self._first_read = None  # when the first step's metrics arrived (compile included)
         self._last_read = None
+        self._cpu_at_first_read = self._cpu_at_last_read = 0.0
 
     def run(self, placed, frozen, eval_step):
         config, runner = self.config, self.runner
@@ -90,6 +91,7 @@ class StepLoop:
                 self._evaluate(placed, frozen, eval_step, done)
         if self._first_read is not None:
             self.loop_seconds = self._last_read - self._first_read
+            self.loop_cpu_seconds = self._cpu_at_last_read - self._cpu_at_first_read
         if self.task.eval_batches is not None and (
             not config.eval.every or config.steps % config.eval.every
         ):
@@ -98,11 +100,11 @@ class StepLoop:
 
     def _read(self, chunk: list[tuple[int, Any]]) -> None:
         vectors = jax.device_get([self.runner.host_metrics(m) for _, m in chunk])
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         seconds = (now - self._last_read) / len(chunk)
-        self._last_read = now
+        self._last_read, self._cpu_at_last_read = now, cpu
         if self._first_read is None:
-            self._first_read = now
+            self._first_read, self._cpu_at_first_read = now, cpu
         for (step, _), vector in zip(chunk, vectors, strict=True):
             metrics = dict(zip(self.metric_names, map(float, vector), strict=True))
             if not math.isfinite(metrics["loss"]):
