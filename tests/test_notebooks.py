@@ -1,0 +1,88 @@
+"""The notebooks: each runs top to bottom in small mode (any error fails), draws its figures,
+and is exactly what ``notebooks/build.py`` makes of its source, without outputs."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+_spec = importlib.util.spec_from_file_location("notebooks_build", NOTEBOOKS / "build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
+
+# Figures each notebook must draw (plt.show() calls): a silently empty plot cell fails.
+FIGURES = {"01_quickstart": 1, "02_quantization": 3, "03_subspaces": 3, "04_results": 2}
+
+
+class ThisInterpreter(KernelSpecManager):
+    """Every kernel name runs this interpreter (the venv's), so no kernel needs registering
+    and a kernel installed elsewhere on the machine is never picked up instead."""
+
+    def get_kernel_spec(self, kernel_name):
+        return KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f",
+                                "{connection_file}"],
+                          display_name=f"lowrank tests ({kernel_name})", language="python")
+
+
+def execute(nb, timeout=300):
+    km = KernelManager(kernel_name="python3", kernel_spec_manager=ThisInterpreter())
+    client = NotebookClient(nb, km=km, timeout=timeout,
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    return client.execute()
+
+
+@pytest.mark.parametrize("name", build.NAMES)
+def test_notebook_runs_top_to_bottom_in_small_mode(name, monkeypatch):
+    monkeypatch.setenv("LOWRANK_NOTEBOOK_SMALL", "1")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws PNGs
+    nb = execute(nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4))
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    outputs = [o for cell in code for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    first = "".join(o.get("text", "") for o in code[0].outputs)
+    assert "small mode: True" in first  # the first cell read the variable
+    pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == FIGURES[name]
+
+
+def test_a_failing_cell_fails_the_run():
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": build.KERNELSPEC})
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("assert x == 2, 'x is not 2'"),
+                nbformat.v4.new_code_cell("print('unreached')")]
+    with pytest.raises(CellExecutionError, match="x is not 2"):
+        execute(nb, timeout=60)
+
+
+def test_committed_notebooks_are_built_from_their_sources_without_outputs():
+    assert build.main(["--check"]) == 0
+    for name in build.NAMES:
+        nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert code and all(not c.outputs and c.execution_count is None for c in code)
+        assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+        assert "LOWRANK_NOTEBOOK_SMALL" in code[0].source  # small mode is read first
+
+
+def test_sources_parse_into_cells_and_bad_sources_are_named():
+    cells = build.parse_cells('"""Doc."""\n# %% [md]\n# # T\n#\n# Text.\n# %%\nx = 1\n\n# %%\ny\n')
+    assert cells == [("markdown", "# T\n\nText."), ("code", "x = 1"), ("code", "y")]
+    with pytest.raises(ValueError, match=r"s\.py:2: unknown cell marker '# %% \[raw\]'"):
+        build.parse_cells("# %%\n# %% [raw]\n", "s.py")
+    with pytest.raises(ValueError, match="s.py:2: a Markdown cell holds only '# ' comment"):
+        build.parse_cells("# %% [md]\nx = 1\n", "s.py")
+    with pytest.raises(ValueError, match="s.py has no cells"):
+        build.parse_cells("x = 1\n", "s.py")
+    with pytest.raises(ValueError, match="s.py: cell 1 is empty"):
+        build.parse_cells("# %%\nx = 1\n# %%\n\n", "s.py")
+    with pytest.raises(ValueError, match="unknown notebook 'nope'; accepted"):
+        build.build("nope")
