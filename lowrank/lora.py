@@ -84,9 +84,9 @@ def _validate_targets(flat: Mapping[str, Any], spec: LoraSpec) -> list[str]:
                 + paths.candidates_hint(targets)
             )
     for p in targets:
-        if np.ndim(flat[p]) < 2:
+        if len(shape_of(flat[p])) < 2:
             raise ValueError(
-                f"target {p!r} has shape {np.shape(flat[p])}: only weights with 2 or more axes "
+                f"target {p!r} has shape {shape_of(flat[p])}: only weights with 2 or more axes "
                 "get a low-rank adapter; train 1-D leaves through LoraSpec.trainable"
             )
     return targets
@@ -107,7 +107,7 @@ def _factorization(path: str, shape: tuple, layouts: Mapping | None) -> tuple[in
 
 
 def _init_pair(key, path, kernel, spec, layouts) -> LoraPair:
-    shape = tuple(np.shape(kernel))
+    shape = shape_of(kernel)
     n_lead, f = _factorization(path, shape, layouts)
     slice_shape = shape[n_lead:]
     rank = spec.rank_for(path)
@@ -119,8 +119,8 @@ def _init_pair(key, path, kernel, spec, layouts) -> LoraPair:
         )
     a_shape, b_shape = f.adapter_shapes(slice_shape, rank)
     lead = shape[:n_lead]
-    dtype = jnp.result_type(kernel) if jnp.issubdtype(jnp.result_type(kernel), jnp.floating) \
-        else jnp.float32
+    dtype = jnp.dtype(kernel.dtype)  # a QuantizedArray names its original dtype
+    dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
     if spec.init == "kaiming":  # PEFT's kaiming_uniform_(a=sqrt(5)): bound = 1 / sqrt(fan_in)
         bound = 1.0 / np.sqrt(fan_in)
         a = jax.random.uniform(key, lead + a_shape, dtype, -bound, bound)
@@ -165,6 +165,8 @@ def init_adapters(
                 "targets. Parameter paths: " + paths.candidates_hint(list(flat))
             )
         for p in extra:
+            if quant.is_quantized(flat[p]):
+                raise ValueError(f"trainable leaf {p!r} is quantized; train a float weight")
             out[p] = jnp.array(flat[p])
     return paths.unflatten(out)
 

@@ -1,4 +1,4 @@
-"""QLoRA: LoRA adapters trained through a quantized frozen base (lowrank.apply dequantizes)."""
+"""QLoRA: LoRA adapters trained through a quantized frozen base (lr.apply dequantizes)."""
 
 import flax.linen as nn
 import jax
@@ -99,3 +99,15 @@ def test_scanned_stack_adapter_gradients_through_the_quantized_base(how):
     _, grads_f = _adapter_grads(model, quant.dequantize_tree(frozen, jnp.float32), adapters, x, y)
     _assert_trees_close(grads_q, grads_f, 1e-5)
     assert bool((jnp.abs(grads_q["layers"]["dense"]["kernel"].a).sum(axis=(1, 2)) > 0).all())
+
+
+def test_init_adapters_reads_shapes_and_dtypes_off_a_quantized_base():
+    model = nn.Dense(64)
+    params = model.init(jax.random.key(0), jnp.ones((1, 128)))["params"]
+    frozen = lr.quantize_tree(params, lr.QuantSpec("nf4"))
+    assert lr.is_quantized(frozen["kernel"])
+    adapters = lr.init_adapters(jax.random.key(1), frozen, lr.LoraSpec(rank=4))
+    assert adapters["kernel"].a.shape == (128, 4) and adapters["kernel"].a.dtype == jnp.float32
+    with pytest.raises(ValueError, match="'kernel' is quantized"):
+        lr.init_adapters(jax.random.key(1), frozen,
+                              lr.LoraSpec(targets=None, trainable="kernel"))

@@ -9,10 +9,9 @@ import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from lowrank import optim, quant
+from lowrank import optim
 from lowrank.lora import init_adapters
 from lowrank.train import checkpoint as ckpt_lib
 from lowrank.train.config import lora_spec
@@ -125,18 +124,6 @@ def _runner(config: Any, loss_fn, tx, schedule) -> tuple[Runner, list[str]]:
     return runner, names
 
 
-def _dense_view(frozen: Any) -> Any:
-    """``frozen`` with each quantized weight replaced by zeros of its logical shape and dtype.
-
-    ``init_adapters`` reads only a target's shape and dtype, but cannot read them off a
-    ``QuantizedArray`` yet; under jit the zeros are never materialised.
-    """
-    return jax.tree.map(
-        lambda x: jnp.zeros(quant.logical_shape(x), x.dtype) if quant.is_quantized(x) else x,
-        frozen, is_leaf=quant.is_quantized,
-    )
-
-
 def _json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
@@ -178,7 +165,7 @@ def init_state(config: Any, task: Task) -> TrainState:
     @jax.jit  # one compilation instead of one per small eager op
     def init(key, params):
         init_key, step_key = jax.random.split(key)
-        trainable = init_adapters(init_key, _dense_view(params), spec, layouts=task.layouts)
+        trainable = init_adapters(init_key, params, spec, layouts=task.layouts)
         return TrainState.create(cast_floating(trainable, param_dtype), tx, step_key)
 
     return init(jax.random.key(config.seed), task.params)
