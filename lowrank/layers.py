@@ -165,9 +165,10 @@ def _contract_tokens(small: jax.Array, big: jax.Array) -> jax.Array:
 
     XLA's CPU matmul is fast when the rank-sized operand is the left one and the output is
     ``[r, n]``; the same product laid out as ``[n, r]`` (what autodiff asks for, ``x^T g``)
-    runs ~10x slower. The result is transposed afterwards, which costs nothing at this size.
+    runs ~10x slower. Callers that need ``[n, r]`` transpose the result, which costs nothing at
+    this size; the barrier stops XLA from folding that transpose back into the matmul.
     """
-    return jax.lax.dot_general(small, big, (((0,), (0,)), ((), ())))
+    return jax.lax.optimization_barrier(jax.lax.dot_general(small, big, (((0,), (0,)), ((), ()))))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
