@@ -9,7 +9,7 @@ soon as it is done:
   layer) on a MiniLM-shaped BERT (random weights), batch 16 x 128 tokens.
 - ``llama``: full fine-tuning, LoRA and QLoRA (r=16, every linear layer of the decoder
   layers) of a ~1.1B-parameter Llama-style model (TinyLlama's shape: d=2048, 22 layers, 32
-  heads, 4 key/value heads, SwiGLU 5632, vocabulary 32000), batch 32 x 512 tokens, with MFU.
+  heads, 4 key/value heads, SwiGLU 5632, vocabulary 32000), batch 16 x 512 tokens, with MFU.
 
 Every step computes in bfloat16: full fine-tuning from float32 master weights, LoRA over a
 base stored in bfloat16, QLoRA over nf4 dequantized to bfloat16; adapters and optimizer
@@ -50,7 +50,7 @@ MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attent
 TINY_BERT = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=64)
 # (hidden, layers, heads, kv heads, intermediate, vocab, batch, seq)
-LLAMA_1B = (2048, 22, 32, 4, 5632, 32000, 32, 512)
+LLAMA_1B = (2048, 22, 32, 4, 5632, 32000, 16, 512)
 TINY_LLAMA = (64, 2, 4, 2, 128, 256, 2, 16)
 BERT_QV = r"bert/encoder/.*/(query|value)/kernel"
 BERT_ALL = r"bert/encoder/.*/kernel"

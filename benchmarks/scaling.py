@@ -45,55 +45,55 @@ QLORA_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # nf4 codes + 8-bit block scales + th
 FIGURES = Path(__file__).resolve().parent / "figures"
 
 
-def measure(setup: ls.Llama, modes: list[str], rank: int, rounds: int, reps: int) -> list[dict]:
-    """Rows (one per mode) of one model at one rank, the modes timed in alternation."""
-    spec = lr.LoraSpec(rank=rank, alpha=2 * rank, targets=ls.LLAMA_TARGETS)
+def measure(setup: ls.Llama, configs: list[tuple[str, int]], rounds: int,
+            reps: int) -> list[dict]:
+    """One row per ``(mode, rank)`` of one model, all of them timed in alternation."""
     quant = lr.QuantSpec("nf4", block_size=64, double_quant=True,
                          targets=ls.LLAMA_QUANT_TARGETS)
     steps, build_s = {}, {}
-    for mode in modes:
+    for mode, rank in configs:
+        spec = lr.LoraSpec(rank=rank, alpha=2 * rank, targets=ls.LLAMA_TARGETS)
         start = time.perf_counter()
-        steps[mode] = ls.make_step(setup.model, setup.params, setup.batch, ls.lm_forward, "lm",
-                                   mode=mode, spec=None if mode == "full" else spec,
-                                   quant=quant, layouts=setup.layouts)
-        steps[mode].run()  # warm-up
-        build_s[mode] = time.perf_counter() - start
-    round_medians = {m: [] for m in modes}
+        steps[mode, rank] = ls.make_step(
+            setup.model, setup.params, setup.batch, ls.lm_forward, "lm", mode=mode,
+            spec=None if mode == "full" else spec, quant=quant, layouts=setup.layouts)
+        steps[mode, rank].run()  # warm-up
+        build_s[mode, rank] = time.perf_counter() - start
+    round_medians = {c: [] for c in configs}
     for r in range(rounds):
-        order = modes[r % len(modes):] + modes[: r % len(modes)]
-        for mode in order:
-            round_medians[mode].append(float(np.median(ls.time_steps(steps[mode], reps))))
-    rows = []
-    for mode in modes:
-        s = steps[mode]
-        seconds = float(np.median(round_medians[mode]))
+        for c in configs[r % len(configs):] + configs[: r % len(configs)]:
+            round_medians[c].append(float(np.median(ls.time_steps(steps[c], reps))))
+    rows = {}
+    for (mode, rank), s in steps.items():
+        seconds = float(np.median(round_medians[mode, rank]))
         flops = ls.model_flops(mode, setup.matmul_params, setup.tokens, s.adapter_params)
-        rows.append({
+        rows[mode, rank] = {
             "mode": mode, "rank": rank if mode != "full" else None,
             "params": setup.params_count, "matmul_params": setup.matmul_params,
-            "tokens": setup.tokens, "median_s": seconds, "round_medians_s": round_medians[mode],
-            "build_s": build_s[mode], "model_flops": flops, "gflops_per_s": flops / seconds / 1e9,
+            "tokens": setup.tokens, "median_s": seconds,
+            "round_medians_s": round_medians[mode, rank], "build_s": build_s[mode, rank],
+            "model_flops": flops, "gflops_per_s": flops / seconds / 1e9,
             "trainable_params": s.trainable_params, "adapter_params": s.adapter_params,
             "quantized_params": s.quantized_params, "frozen_bytes": s.frozen_bytes,
             "trainable_bytes": s.trainable_bytes, "opt_state_bytes": s.opt_state_bytes,
             "xla": s.xla, "losses": s.losses[:3],
-        })
-    if "lora" in modes and "qlora" in modes:
-        lora = next(r for r in rows if r["mode"] == "lora")
-        qlora = next(r for r in rows if r["mode"] == "qlora")
-        # LoRA's peak with the quantized weights at 4.127 instead of 32 bits: the QLoRA peak
-        # to expect if nothing else changed (activations and adapters are the same).
-        saved = 4 * qlora["quantized_params"] * (1 - QLORA_BITS / 32)
-        qlora["expected_peak"] = lora["xla"].get("peak", 0) - saved
-        qlora["time_vs_lora"] = qlora["median_s"] / lora["median_s"]
-        qlora["paired_time_vs_lora"] = float(np.median(
-            np.divide(qlora["round_medians_s"], lora["round_medians_s"])))
-    if "full" in modes and "lora" in modes:
-        lora = next(r for r in rows if r["mode"] == "lora")
-        full = next(r for r in rows if r["mode"] == "full")
-        lora["paired_time_vs_full"] = float(np.median(
-            np.divide(lora["round_medians_s"], full["round_medians_s"])))
-    return rows
+        }
+
+    def paired(a: dict, b: dict) -> float:
+        return float(np.median(np.divide(a["round_medians_s"], b["round_medians_s"])))
+
+    full = next((row for (mode, _), row in rows.items() if mode == "full"), None)
+    for (mode, rank), row in rows.items():
+        lora = rows.get(("lora", rank))
+        if mode == "qlora" and lora is not None:
+            # LoRA's peak with the quantized weights at 4.127 instead of 32 bits: the QLoRA
+            # peak to expect if nothing else changed (activations and adapters are the same).
+            saved = 4 * row["quantized_params"] * (1 - QLORA_BITS / 32)
+            row["expected_peak"] = lora["xla"].get("peak", 0) - saved
+            row["paired_time_vs_lora"] = paired(row, lora)
+        if mode == "lora" and full is not None:
+            row["paired_time_vs_full"] = paired(row, full)
+    return list(rows.values())
 
 
 def plot(results: dict, path: Path) -> None:
@@ -135,7 +135,10 @@ def plot(results: dict, path: Path) -> None:
               f"peak memory vs rank ({meta['rank_sweep_size']})"]
     for ax, title in zip(axes.flat, titles, strict=True):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if ax is axes[1, 0]:  # a narrow range: linear from 0 shows the growth honestly
+            ax.set_ylim(bottom=0, top=1.15 * ax.get_ylim()[1])
+        else:
+            ax.set_yscale("log")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -158,7 +161,7 @@ def plot(results: dict, path: Path) -> None:
 def _print_rows(rows: list[dict]) -> None:
     for r in rows:
         extra = ""
-        if "time_vs_lora" in r:
+        if "paired_time_vs_lora" in r:
             extra = (f"  QLoRA/LoRA time {r['paired_time_vs_lora']:.2f}, expected peak "
                      f"{r['expected_peak'] / 2**20:.0f} MiB")
         if "paired_time_vs_full" in r:
@@ -175,7 +178,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models, one round: a smoke run")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=1, help="steps per mode per round")
     parser.add_argument("--rank", type=int, default=8, help="rank of the size sweep")
     parser.add_argument("--sizes", default=None, help=f"subset of {list(SIZES)} (default all)")
@@ -208,7 +211,7 @@ def main() -> None:
                          seq=args.seq)
         modes = (["full"] if setup.params_count <= args.full_up_to else []) + ["lora", "qlora"]
         print(f"size {name}: {setup.params_count:,} params", flush=True)
-        rows = measure(setup, modes, args.rank, rounds, args.reps)
+        rows = measure(setup, [(m, args.rank) for m in modes], rounds, args.reps)
         _print_rows(rows)
         by_size += [{**r, "size": name} for r in rows]
         del setup
@@ -218,10 +221,11 @@ def main() -> None:
         setup = ls.llama(hidden, layers, heads, inter, vocab=vocab, batch=args.batch,
                          seq=args.seq)
         print(f"ranks at {rank_size}: {setup.params_count:,} params", flush=True)
-    for rank in ranks:
-        rows = measure(setup, ["lora", "qlora"], rank, rounds, args.reps)
+        # Every rank's two steps in one alternation, so that load drift does not bend the curve.
+        rows = measure(setup, [(m, r) for r in ranks for m in ("lora", "qlora")], rounds,
+                       args.reps)
         _print_rows(rows)
-        by_rank += [{**r, "size": rank_size} for r in rows]
+        by_rank = [{**r, "size": rank_size} for r in rows]
 
     results = {
         "meta": {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "

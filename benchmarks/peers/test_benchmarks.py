@@ -54,10 +54,14 @@ def test_model_flops_formulas():
 def test_matmul_params_counts_kernels_only():
     model, params, _ = _mlp_problem()
     assert ls.matmul_params(params) == 64 * 128 + 128 * 3
-    setup = ls.llama(32, 2, 4, 64, vocab=128, batch=2, seq=8)
-    # per layer q, k, v, o (32 x 32) and gate, up, down (32 x 64); the head 32 x 128.
-    assert setup.matmul_params == 2 * (4 * 32 * 32 + 3 * 32 * 64) + 32 * 128
-    assert setup.tokens == 16
+    assert ls.matmul_params({"emb": {"embedding": jnp.ones((10, 4))}}) == 0
+
+
+def test_quant_layouts_keeps_only_targeted_paths():
+    layouts = {"model/embed_tokens/embedding": "e", "model/layers/mlp/up_proj/kernel": "u",
+               "model/layers/self_attn/q_proj/kernel": "q", "lm_head/kernel": "h"}
+    quant = lr.QuantSpec(targets=ls.LLAMA_QUANT_TARGETS, exclude=r".*q_proj.*")
+    assert ls.quant_layouts(layouts, quant) == {"model/layers/mlp/up_proj/kernel": "u"}
 
 
 def test_lora_and_qlora_steps_train_and_account_memory():
@@ -98,8 +102,12 @@ def test_make_step_rejects_bad_mode_and_missing_spec():
         ls.make_step(mode="lora", **kwargs)
 
 
+@pytest.mark.slow
 def test_qlora_step_of_scanned_llama_quantizes_only_the_layers():
     setup = ls.llama(32, 2, 4, 64, vocab=128, batch=2, seq=8)
+    # per layer q, k, v, o (32 x 32) and gate, up, down (32 x 64); the head 32 x 128.
+    assert setup.matmul_params == 2 * (4 * 32 * 32 + 3 * 32 * 64) + 32 * 128
+    assert setup.tokens == 16
     spec = lr.LoraSpec(rank=2, targets=ls.LLAMA_TARGETS)
     quant = lr.QuantSpec("nf4", 64, double_quant=True, targets=ls.LLAMA_QUANT_TARGETS)
     step = ls.make_step(setup.model, setup.params, setup.batch, ls.lm_forward, "lm",
