@@ -40,18 +40,37 @@ def execute(nb, timeout=300):
     return client.execute()
 
 
+def _texts(cells) -> str:
+    """The printed text of the code cells among ``cells``."""
+    return "".join(o.get("text", "") for cell in cells if cell.cell_type == "code"
+                   for o in cell.outputs)
+
+
 @pytest.mark.parametrize("name", build.NAMES)
 def test_notebook_runs_top_to_bottom_in_small_mode(name, monkeypatch):
     monkeypatch.setenv("LOWRANK_NOTEBOOK_SMALL", "1")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws PNGs
+    monkeypatch.delenv("LOWRANK_RESULTS", raising=False)  # the committed results
     nb = execute(nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4))
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     outputs = [o for cell in code for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    first = "".join(o.get("text", "") for o in code[0].outputs)
-    assert "small mode: True" in first  # the first cell read the variable
+    assert "small mode: True" in _texts(code[:1])  # the first cell read the variable
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) == FIGURES[name]
+
+
+@pytest.mark.slow
+def test_results_notebook_makes_its_own_rows_when_asked_or_names_a_missing_file(monkeypatch,
+                                                                                tmp_path):
+    monkeypatch.setenv("LOWRANK_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("LOWRANK_RESULTS", "tiny")
+    nb = execute(nbformat.read(NOTEBOOKS / "04_results.ipynb", as_version=4))
+    assert "4 finished runs from" in _texts(nb.cells)
+    missing = tmp_path / "nowhere.sqlite"
+    monkeypatch.setenv("LOWRANK_RESULTS", str(missing))
+    with pytest.raises(CellExecutionError, match=f"LOWRANK_RESULTS={missing} is not a file"):
+        execute(nbformat.read(NOTEBOOKS / "04_results.ipynb", as_version=4))
 
 
 def test_a_failing_cell_fails_the_run():

@@ -25,7 +25,7 @@ from lowrank import assets, data, models
 from lowrank import train as lt
 
 SMALL = os.environ.get("LOWRANK_NOTEBOOK_SMALL", "0") not in ("", "0")
-STEPS, BATCH_SIZE, MAX_LENGTH = (4, 8, 32) if SMALL else (100, 32, 64)
+STEPS, BATCH_SIZE, MAX_LENGTH = (4, 8, 32) if SMALL else (60, 32, 32)
 treescope.basic_interactive_setup(autovisualize_arrays=False)  # trees shown as trees
 print(f"small mode: {SMALL}; {STEPS} steps of {BATCH_SIZE} articles, {MAX_LENGTH} tokens each")
 

@@ -66,7 +66,7 @@ bottom.set(yticks=range(len(FOUR_BIT)), yticklabels=FOUR_BIT, xlabel="value / ab
 fig.tight_layout()
 plt.show()
 for fmt, codes in codebooks.items():
-    print(f"{fmt:>4}: {len(codes)} values: {np.round(codes, 3).tolist()}")
+    print(f"{fmt:>4}: {len(codes)} values: {np.round(codes.astype(float), 3).tolist()}")
 
 # %% [md]
 # ## 2. What a quantized weight holds

@@ -10,8 +10,8 @@
 #
 # The rows come from `$LOWRANK_RESULTS` when set (a `.sqlite` database, such as the sweeps'
 # default `workdir/results.sqlite`, or a `.csv` export), else from the committed export
-# `experiments/results/runs.csv`. In a checkout without either, four runs of the tiny sweeps
-# (a tiny random BERT) fill a temporary database first, so every cell still runs.
+# `experiments/results/runs.csv`. With `LOWRANK_RESULTS=tiny`, or in a checkout without the
+# export, four runs of the tiny sweeps (a tiny random BERT) fill a temporary database first.
 
 # %%
 import os
@@ -54,14 +54,17 @@ def tiny_database() -> Path:
     return path
 
 
-source = Path(os.environ.get("LOWRANK_RESULTS") or ROOT / "experiments/results/runs.csv")
-if not source.is_file():
-    if "LOWRANK_RESULTS" in os.environ:
-        raise FileNotFoundError(f"LOWRANK_RESULTS={source} is not a file: point it at a results "
-                                "database (.sqlite) or its CSV export")
-    print(f"{source} is not there yet (experiments/results/reproduce.sh makes it); "
-          "running four tiny runs instead")
+COMMITTED = ROOT / "experiments" / "results" / "runs.csv"
+wanted = os.environ.get("LOWRANK_RESULTS", "")
+if wanted == "tiny" or not (wanted or COMMITTED.is_file()):
+    print("running four tiny runs into a temporary database"
+          + ("" if wanted else f" ({COMMITTED} is not there: experiments/results/reproduce.sh)"))
     source = tiny_database()
+else:
+    source = Path(wanted or COMMITTED)
+    if not source.is_file():
+        raise FileNotFoundError(f"LOWRANK_RESULTS={wanted} is not a file: point it at a "
+                                "results database (.sqlite) or its CSV export, or say 'tiny'")
 frame = report.load_runs(source)
 print(f"{len(frame)} finished runs from {source}")
 display(frame.groupby("experiment").agg(runs=("id", "size"), seeds=("seed", "nunique")))
