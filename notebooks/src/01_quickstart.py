@@ -7,7 +7,7 @@
 # value weights plus the new classifier head. It then evaluates, merges the adapters into
 # plain weights, and compares parameter counts and memory.
 #
-# Set `LOWRANK_NOTEBOOK_SMALL=1` for a run of a few seconds (a few steps on every 8th
+# Set `LOWRANK_NOTEBOOK_SMALL=1` for a quick run (a few steps on every 8th
 # article): the tests run that mode.
 
 # %%
