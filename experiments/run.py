@@ -30,7 +30,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import common, tasks  # noqa: E402
-from lowrank import results  # noqa: E402
+from lowrank import results, stack  # noqa: E402
 from lowrank.assets import cache_dir  # noqa: E402
 from lowrank.train import train  # noqa: E402
 
@@ -49,6 +49,9 @@ def define_flags() -> None:
         "<config hash>); default: nothing but the database row is written")
     flags.DEFINE_string(
         "experiment", None, "name the row is filed under (default: the config file's stem)")
+    flags.DEFINE_string(
+        "stack", None, "a JSON list of override dicts: train those runs of --config together "
+        "as one stack (experiments/sweep.py --batch writes it)")
     flags.DEFINE_bool(
         "compilation_cache", True, "reuse compiled steps across processes (runs that differ "
         "only in seed compile once)")
@@ -90,6 +93,31 @@ def parse_flags(argv: list[str]) -> list[str]:
     return FLAGS(argv)
 
 
+def _row(config, result, info, start: float, stack_size: int = 1) -> tuple[dict, dict]:
+    """The database fields and metrics of one finished run (``stack_size`` runs trained
+    together share their step time: each row gets its amortised share)."""
+    metrics = {**(result.eval_metrics or {})}
+    metrics.pop("weight", None)
+    metrics["train_loss"] = result.metrics.get("loss", float("nan"))
+    metrics["weight_rmse"] = info.weight_rmse
+    metrics["quant_bits_per_param"] = info.quant_bits_per_param
+    fields = dict(
+        trainable_params=tasks.count_trainable(result.trainable),
+        base_params=info.base_params,
+        bits_per_param=info.bits_per_param,
+        step_seconds=result.loop_seconds / max(result.timed_steps, 1) / stack_size,
+        peak_memory_mb=peak_memory_mb(),
+        wall_seconds=(time.perf_counter() - start) / stack_size,
+        git_commit=git_commit(),
+    )
+    return fields, metrics
+
+
+def _write_failure(db, config, experiment: str, start: float, error: str) -> None:
+    db.write(config, {}, status="failed", experiment=experiment, traceback=error,
+             git_commit=git_commit(), wall_seconds=time.perf_counter() - start)
+
+
 def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = None) -> dict:
     """Trains and evaluates ``config`` and writes its row to ``db_path``; returns the row's
     fields (a failed run writes its traceback and re-raises).
@@ -105,26 +133,42 @@ def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = N
             resolved.workdir = str(Path(workdir) / experiment / results.config_hash(config))
         task, info = tasks.build(resolved)
         result = train(resolved, task)
-        metrics = {**(result.eval_metrics or {})}
-        metrics.pop("weight", None)
-        metrics["train_loss"] = result.metrics.get("loss", float("nan"))
-        metrics["weight_rmse"] = info.weight_rmse
-        metrics["quant_bits_per_param"] = info.quant_bits_per_param
-        fields = dict(
-            trainable_params=tasks.count_trainable(result.trainable),
-            base_params=info.base_params,
-            bits_per_param=info.bits_per_param,
-            step_seconds=result.loop_seconds / max(result.timed_steps, 1),
-            peak_memory_mb=peak_memory_mb(),
-            wall_seconds=time.perf_counter() - start,
-            git_commit=git_commit(),
-        )
+        fields, metrics = _row(config, result, info, start)
         db.write(config, metrics, experiment=experiment, **fields)
         return {"config_hash": results.config_hash(config), **fields, **metrics}
     except Exception:
-        db.write(config, {}, status="failed", experiment=experiment,
-                 traceback=traceback.format_exc(), git_commit=git_commit(),
-                 wall_seconds=time.perf_counter() - start)
+        _write_failure(db, config, experiment, start, traceback.format_exc())
+        raise
+    finally:
+        db.close()
+
+
+def run_stacked(configs: list, *, db_path: str | Path, experiment: str) -> list[dict]:
+    """Trains compatible ``configs`` as one stack (``lowrank.stack``: one compiled program over
+    one frozen base) and writes one row per run; a member that fails gets a "failed" row.
+
+    >>> from configs.finetune_bbc import get_config
+    >>> two = [get_config("tiny")] * 2
+    >>> rows = run_stacked(two, db_path=":memory:", experiment="t")  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    db = results.ResultsDB(db_path)
+    rows = []
+    try:
+        resolved = [tasks.training_config(c) for c in configs]
+        task, info = tasks.build(resolved[0])
+        outs = stack.train_stacked(resolved, task, member_keys=(*stack.MEMBER_KEYS, "adapt"))
+        for config, out in zip(configs, outs, strict=True):
+            if isinstance(out, Exception):
+                _write_failure(db, config, experiment, start, f"{type(out).__name__}: {out}")
+                continue
+            fields, metrics = _row(config, out, info, start, stack_size=len(configs))
+            db.write(config, metrics, experiment=experiment, **fields)
+            rows.append({"config_hash": results.config_hash(config), **fields, **metrics})
+        return rows
+    except Exception:
+        for config in configs:
+            _write_failure(db, config, experiment, start, traceback.format_exc())
         raise
     finally:
         db.close()
@@ -146,9 +190,17 @@ def main(argv: list[str]) -> None:
         enable_compilation_cache()
     spec = FLAGS["config"].config_filename
     experiment = FLAGS.experiment or common.experiment_name(spec)
-    row = run(FLAGS.config, db_path=FLAGS.db, experiment=experiment, workdir=FLAGS.workdir)
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
-    print(json.dumps(shown))
+    if FLAGS.stack:
+        if FLAGS.workdir:
+            raise app.UsageError("--stack runs keep no workdir (no checkpoints): drop --workdir")
+        configs = [results.apply_overrides(FLAGS.config, o) for o in json.loads(FLAGS.stack)]
+        rows = run_stacked(configs, db_path=FLAGS.db, experiment=experiment)
+    else:
+        rows = [run(FLAGS.config, db_path=FLAGS.db, experiment=experiment,
+                    workdir=FLAGS.workdir)]
+    for row in rows:
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                          for k, v in row.items()}))
 
 
 if __name__ == "__main__":

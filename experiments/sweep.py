@@ -13,6 +13,7 @@ apply to every run of the sweep.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -43,6 +44,9 @@ def define_flags() -> None:
     flags.DEFINE_string("experiment", None,
                         "name rows are filed under (default: the config's stem)")
     flags.DEFINE_bool("dry_run", False, "list the runs and whether they are done")
+    flags.DEFINE_integer("batch", 1, "train up to this many compatible runs (same model, data "
+                         "and schedule) together as one stack (lowrank.stack); each still "
+                         "writes its own row")
 
 
 def cli_value(value) -> str:
@@ -70,12 +74,27 @@ def expand(module, config, seeds: int) -> list[dict]:
             for overrides in module.get_sweep(config)]
 
 
-def _row_count(db: results.ResultsDB, config_hash: str) -> int:
-    return sum(r["config_hash"] == config_hash for r in db.rows(status=None))
+def _statuses(db: results.ResultsDB, config_hash: str) -> list[str]:
+    return [r["status"] for r in db.rows(status=None) if r["config_hash"] == config_hash]
+
+
+def groups_of(config, pending: list[tuple[dict, str]], batch: int) -> list[list[int]]:
+    """Indices of ``pending`` runs grouped into stacks of at most ``batch`` compatible runs
+    (one group per run when ``batch`` is 1)."""
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    if batch == 1:
+        return [[i] for i in range(len(pending))]
+    from configs import tasks
+    from lowrank import stack
+
+    resolved = [tasks.training_config(results.apply_overrides(config, o)) for o, _ in pending]
+    return stack.group_compatible(resolved, max_size=batch,
+                                  member_keys=(*stack.MEMBER_KEYS, "adapt"))
 
 
 def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experiment: str,
-          workdir: str | None = None, dry_run: bool = False) -> dict[str, int]:
+          workdir: str | None = None, dry_run: bool = False, batch: int = 1) -> dict[str, int]:
     """Runs what is missing of the sweep of ``spec``; returns counts of done, skipped and
     failed runs.
 
@@ -87,6 +106,7 @@ def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experime
       experiment: rows are filed (and skipped) under this name.
       workdir: passed on to run.py.
       dry_run: only list the runs.
+      batch: train up to this many compatible runs together (``lowrank.stack``).
     """
     module, config = common.load(spec)
     if base_args:  # parsed as run.py parses them, so that the hashes agree
@@ -105,27 +125,37 @@ def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experime
         db.close()
         return counts
     pending = [(o, h) for o, h, done in todo if not done]
-    bar = tqdm(pending, desc=experiment, unit="run", dynamic_ncols=True)
-    for overrides, h in bar:
-        bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in overrides.items()))
+    groups = groups_of(config, pending, batch)
+    bar = tqdm(total=len(pending), desc=experiment, unit="run", dynamic_ncols=True)
+    for group in groups:
+        members = [pending[i] for i in group]
+        bar.set_postfix_str(" | ".join(" ".join(f"{k}={v}" for k, v in o.items())
+                                       for o, _ in members))
         args = [sys.executable, str(RUN), f"--config={spec}", *base_args,
-                *(f"--config.{k}={cli_value(v)}" for k, v in overrides.items()),
                 f"--db={db_path}", f"--experiment={experiment}"]
+        if len(members) == 1:
+            args += [f"--config.{k}={cli_value(v)}" for k, v in members[0][0].items()]
+        else:
+            args.append(f"--stack={json.dumps([o for o, _ in members])}")
         if workdir:
             args.append(f"--workdir={workdir}")
-        before = _row_count(db, h)
+        before = [len(_statuses(db, h)) for _, h in members]
         start = time.perf_counter()
         done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
-        if done.returncode == 0:
-            counts["done"] += 1
-            continue
-        counts["failed"] += 1
         tail = "\n".join(done.stderr.strip().splitlines()[-40:])
-        tqdm.write(f"run {overrides} failed (exit {done.returncode}):\n{tail[-2000:]}")
-        if _row_count(db, h) == before:  # it died before it could record itself
-            db.write(results.apply_overrides(config, overrides), {}, status="failed",
-                     experiment=experiment, wall_seconds=time.perf_counter() - start,
-                     traceback=f"exit status {done.returncode}\n{tail}")
+        for (overrides, h), n_before in zip(members, before, strict=True):
+            statuses = _statuses(db, h)
+            if len(statuses) > n_before and statuses[-1] == "ok":
+                counts["done"] += 1
+                continue
+            counts["failed"] += 1
+            tqdm.write(f"run {overrides} failed (exit {done.returncode}):\n{tail[-2000:]}")
+            if len(statuses) == n_before:  # it died before it could record itself
+                db.write(results.apply_overrides(config, overrides), {}, status="failed",
+                         experiment=experiment, wall_seconds=time.perf_counter() - start,
+                         traceback=f"exit status {done.returncode}\n{tail}")
+        bar.update(len(members))
+    bar.close()
     db.close()
     return counts
 
@@ -148,7 +178,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config=configs/x.py[:variant] is required")
     experiment = FLAGS.experiment or common.experiment_name(FLAGS.config)
     counts = sweep(FLAGS.config, BASE_ARGS, seeds=FLAGS.seeds, db_path=FLAGS.db,
-                   experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run)
+                   experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run,
+                   batch=FLAGS.batch)
     print(f"{experiment}: {counts['done']} run, {counts['skipped']} already done, "
           f"{counts['failed']} failed")
     if counts["failed"]:

@@ -1,0 +1,54 @@
+"""experiments/sweep.py --batch: compatible runs trained as one stack, one row each, with the
+same results as the runs trained one by one."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lowrank.results import ResultsDB
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "experiments" / "sweep.py"
+
+TOY_CONFIG = '''
+from configs.common import base_config
+
+def get_config(arg=None):
+    config = base_config("lowrank.train.toy:classifier")
+    config.adapt = "custom"
+    config.lora.targets = r"hidden_\\d+/kernel"
+    config.lora.trainable = r"head/.*"
+    config.steps, config.batch_size = 4, 8
+    config.lock()
+    return config
+
+def get_sweep(config):
+    return [{"lora.rank": 1}, {"lora.rank": 4}]
+'''
+
+
+def _sweep(config, db_path, *extra):
+    args = [sys.executable, str(SWEEP), f"--config={config}", f"--db={db_path}", "--seeds=2",
+            *extra]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    db = ResultsDB(db_path)
+    try:
+        rows = db.rows("ok")
+    finally:
+        db.close()
+    return {r["config_hash"]: r for r in rows}
+
+
+def test_batched_sweep_writes_one_row_per_run_equal_to_the_unbatched_sweep(tmp_path):
+    config = tmp_path / "toy_sweep.py"
+    config.write_text(TOY_CONFIG)
+    stacked = _sweep(config, tmp_path / "stacked.sqlite", "--batch=4")
+    single = _sweep(config, tmp_path / "single.sqlite")
+    assert len(stacked) == 4 and stacked.keys() == single.keys()
+    for h, row in stacked.items():
+        for metric in ("metric.accuracy", "metric.loss", "metric.train_loss"):
+            np.testing.assert_allclose(row[metric], single[h][metric], atol=1e-4, err_msg=metric)
+        assert row["trainable_params"] == single[h]["trainable_params"]
