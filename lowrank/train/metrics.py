@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from tensorboardX import SummaryWriter
 from tensorboardX.proto.summary_pb2 import Summary
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: no ipywidgets needed in notebooks
 
 JSONL = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
