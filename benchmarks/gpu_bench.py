@@ -42,6 +42,7 @@ import numpy as np
 
 import lowrank as lr
 from benchmarks.peers import lowrank_steps as ls
+from benchmarks.peers.workers import git_commit
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 """Dense bf16 peak FLOP/s by device name (sparsity off), for MFU."""
@@ -217,6 +218,7 @@ def main() -> None:
         "device": device.device_kind, "platform": device.platform,
         "devices": jax.device_count(), "jax": jax.__version__, "host": platform.platform(),
         "tiny": args.tiny, "rounds": rounds, "reps": reps, "peak_bf16_flops": peak,
+        "commit": git_commit(),
     }}
     start = time.perf_counter()
     if device.platform == "gpu" and not args.tiny:

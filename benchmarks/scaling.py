@@ -30,6 +30,7 @@ import numpy as np
 
 import lowrank as lr
 from benchmarks.peers import lowrank_steps as ls
+from benchmarks.peers.workers import git_commit
 
 # name: (hidden, layers, heads, intermediate); vocabulary VOCAB.
 SIZES = {
@@ -230,7 +231,8 @@ def main() -> None:
     results = {
         "meta": {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                             f"{platform.platform()}", "device": device, "jax": jax.__version__,
-                 "batch": args.batch, "seq": args.seq, "tokens": args.batch * args.seq,
+                 "commit": git_commit(), "batch": args.batch, "seq": args.seq,
+                 "tokens": args.batch * args.seq,
                  "vocab": vocab, "rounds": rounds, "reps": args.reps,
                  "rank_for_sizes": args.rank, "rank_sweep_size": rank_size,
                  "sizes": {k: list(v) for k, v in sizes.items()},

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.peers.workers import REPO, Worker, alternate, paired_ratio, serve
+from benchmarks.peers.workers import REPO, Worker, alternate, git_commit, paired_ratio, serve
 
 BATCH, SEQ, RANK, ALPHA, LABELS = 16, 128, 8, 16, 5
 CONFIGS = {"full": "full", "lora_qv": "lora", "lora_all": "lora", "qlora_all": "qlora"}
@@ -241,7 +241,8 @@ def main() -> None:
         "ours": {k: ours0[k] for k in ("jax", "backend")},
         "peer": {k: peer0[k] for k in ("torch", "transformers", "peft", "threads",
                                        "attn_implementation")},
-        "rounds": args.rounds, "reps": args.reps, "batch": [BATCH, SEQ], "rank": RANK,
+        "rounds": args.rounds, "reps": args.reps, "commit": git_commit(),
+        "batch": [BATCH, SEQ], "rank": RANK,
     }
     for c in configs:
         if "bitsandbytes" in workers[f"peer:{c}"].info:

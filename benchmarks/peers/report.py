@@ -41,6 +41,21 @@ def peers_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def peers_runs_table(runs: dict[str, dict]) -> str:
+    """One row per run: the load it ran under and its ours / peer time ratios."""
+    configs = list(next(iter(runs.values()))["rows"])
+    lines = ["| run | load average (1 min) before, after | " + " | ".join(configs)
+             + " | ours QLoRA / LoRA | ours LoRA / full |",
+             "|---|---|" + "--:|" * (len(configs) + 2)]
+    for name, d in runs.items():
+        m, w = d["meta"], d["within"]
+        ratios = " | ".join(f"{d['rows'][c]['time_ratio']:.2f}" for c in configs)
+        lines.append(f"| {name} | {m['load_before'][0]}, {m['load_after'][0]} | {ratios} | "
+                     f"{w.get('ours qlora_all / lora_all', float('nan')):.2f} | "
+                     f"{w.get('ours lora_all / full', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
 def scaling_table(d: dict) -> str:
     lines = [
         "| sweep | params | mode | rank | median step (ms) | model GFLOP/s | peak (MiB) "
@@ -82,12 +97,21 @@ def gpu_table(d: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peers", default=str(FIGURES / "peers_minilm.json"))
+    parser.add_argument("--peers", nargs="*", help="minilm_step JSONs (default: "
+                        "figures/peers_minilm*.json); the last one gets the full table")
     parser.add_argument("--scaling", default=str(FIGURES / "scaling.json"))
     parser.add_argument("--gpu", default=str(FIGURES / "gpu_bench.json"))
     args = parser.parse_args()
-    for path, table in ((args.peers, peers_table), (args.scaling, scaling_table),
-                        (args.gpu, gpu_table)):
+    peers = args.peers or [str(p) for p in sorted(FIGURES.glob("peers_minilm*.json"))]
+    if peers:
+        runs = {Path(p).stem: json.loads(Path(p).read_text()) for p in peers}
+        print("<!-- generated from " + ", ".join(Path(p).name for p in peers)
+              + " by benchmarks/peers/report.py -->")
+        print(peers_runs_table(runs))
+        print()
+        print(peers_table(runs[Path(peers[-1]).stem]))
+        print()
+    for path, table in ((args.scaling, scaling_table), (args.gpu, gpu_table)):
         if Path(path).is_file():
             print(f"<!-- generated from {Path(path).name} by benchmarks/peers/report.py -->")
             print(table(json.loads(Path(path).read_text())))

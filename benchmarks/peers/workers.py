@@ -29,6 +29,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 
 
+def git_commit() -> str | None:
+    """The repository's commit (with "+dirty" when lowrank/ has changes), or None.
+
+    >>> git_commit() is None or len(git_commit()) >= 7
+    True
+    """
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowrank"], cwd=REPO,
+                               check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def rss_bytes(field: str = "VmRSS") -> int:
     """This process's resident memory (``VmRSS``) or its high-water mark (``VmHWM``), bytes.
 
