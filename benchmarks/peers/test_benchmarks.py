@@ -172,7 +172,7 @@ def test_scaling_tiny_run_writes_results(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_script_tiny_run_on_cpu(tmp_path):
-    env = {**os.environ, "LOWRANK_GPU_TINY": "1"}
+    env = {**os.environ, "LOWRANK_GPU_TINY": "1", "PYTHON": sys.executable}
     subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), str(tmp_path)], env=env,
                    check=True, timeout=600)
     results = json.loads((tmp_path / "gpu_bench.json").read_text())
