@@ -118,13 +118,17 @@ class _Interceptor:
 def _run_dequantized(module, own, method_name, args, kwargs):
     # The layer's own code runs on an unbound clone whose params are the dequantized
     # weights; the clone's call passes through the interceptor untouched (plain params).
-    plain = {
-        k: quant.dequantize(v) if quant.is_quantized(v) else v
-        for k, v in own.items()
-        if not k.endswith(LORA_SUFFIX)
-    }
+    stored = {k: v for k, v in own.items() if not k.endswith(LORA_SUFFIX)}
     clone = module.clone(parent=None)
-    return clone.apply({"params": plain}, *args, method=method_name, **kwargs)
+
+    def run(stored):
+        plain = {k: quant.dequantize(v) if quant.is_quantized(v) else v for k, v in stored.items()}
+        return clone.apply({"params": plain}, *args, method=method_name, **kwargs)
+
+    # Saving nothing keeps only the packed codes for the backward pass, which dequantizes
+    # again: otherwise every layer's float kernel is a residual (under nn.scan, all of them
+    # stacked), and QLoRA would hold as much memory as LoRA over a float base.
+    return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(stored)
 
 
 def apply(
