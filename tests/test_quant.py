@@ -209,6 +209,30 @@ def test_quantize_tree_stacked_and_discovered_layouts():
         quantize_tree({"l": {"kernel": gaussian((3, 8))}}, QuantSpec(stacked="l/.*"))
 
 
+class _EmbedThenDense(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        return nn.Dense(8, name="dense")(nn.Embed(50, 16, name="embed")(ids))
+
+
+def test_discovered_layouts_say_how_never_whether():
+    # discover_layouts names the Embed table too; selection stays with targets / exclude.
+    model, ids = _EmbedThenDense(), jnp.zeros((2, 3), jnp.int32)
+    params = model.init(jax.random.key(0), ids)["params"]
+    layouts = lowrank.discover_layouts(model, params, ids)
+    assert set(layouts) == {"embed/embedding", "dense/kernel"}
+    frozen = quantize_tree(params, layouts=layouts)
+    assert not quant.is_quantized(frozen["embed"]["embedding"])
+    np.testing.assert_array_equal(frozen["embed"]["embedding"], params["embed"]["embedding"])
+    kernel = frozen["dense"]["kernel"]
+    assert quant.is_quantized(kernel) and kernel.perm == (1, 0)
+    assert not quant.is_quantized(
+        quantize_tree(params, QuantSpec(exclude=r"dense/.*"), layouts=layouts)["dense"]["kernel"])
+    # A leaf chosen by `extra` and found in `layouts` takes the discovered layout.
+    extra = quantize_tree(params, QuantSpec(extra=r"embed/embedding"), layouts=layouts)
+    assert extra["embed"]["embedding"].perm == (1, 0)
+
+
 def test_memory_report_counts_every_leaf_and_groups():
     params = Block().init(jax.random.key(0), jnp.zeros((2, 3), jnp.int32))["params"]
     dense = memory_report(params)

@@ -78,19 +78,6 @@ def _adapter_params(trainable: Any) -> int:
     return sum(int(p.a.size + p.b.size) for p in pairs)
 
 
-def quant_layouts(layouts: Mapping, quant: lr.QuantSpec) -> dict:
-    """The entries of ``layouts`` that ``quant`` targets (and does not exclude).
-
-    ``lowrank.quantize_tree`` quantizes every path its ``layouts`` argument names, whatever
-    ``QuantSpec.targets`` says (an embedding included), so QLoRA hands it only these.
-
-    >>> quant_layouts({"emb/embedding": 0, "l/kernel": 1}, lr.QuantSpec(targets=r"l/.*"))
-    {'l/kernel': 1}
-    """
-    excluded = set(paths.select(layouts, quant.exclude))
-    return {p: layouts[p] for p in paths.select(layouts, quant.targets) if p not in excluded}
-
-
 def make_step(
     model: Any,
     params: Mapping,
@@ -148,8 +135,6 @@ def make_step(
     else:
         if spec is None:
             raise ValueError(f"mode {mode!r} needs a LoraSpec (spec=...)")
-        if layouts is not None and mode == "qlora":
-            layouts = quant_layouts(layouts, quant)
         frozen, trainable = lr.init(key, params, spec, quant=quant if mode == "qlora" else None,
                                     layouts=layouts)
         if frozen_dtype is not None:

@@ -57,13 +57,6 @@ def test_matmul_params_counts_kernels_only():
     assert ls.matmul_params({"emb": {"embedding": jnp.ones((10, 4))}}) == 0
 
 
-def test_quant_layouts_keeps_only_targeted_paths():
-    layouts = {"model/embed_tokens/embedding": "e", "model/layers/mlp/up_proj/kernel": "u",
-               "model/layers/self_attn/q_proj/kernel": "q", "lm_head/kernel": "h"}
-    quant = lr.QuantSpec(targets=ls.LLAMA_QUANT_TARGETS, exclude=r".*q_proj.*")
-    assert ls.quant_layouts(layouts, quant) == {"model/layers/mlp/up_proj/kernel": "u"}
-
-
 def test_lora_and_qlora_steps_train_and_account_memory():
     model, params, batch = _mlp_problem()
     spec = lr.LoraSpec(rank=4, alpha=8, targets=r"hidden/kernel", trainable=r"out/.*")

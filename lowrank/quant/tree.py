@@ -148,10 +148,13 @@ def quantize_tree(params: Mapping, spec: QuantSpec | None = None, *,
       params: a nested-dict params tree (or `{"params": ...}` variables, returned wrapped).
       spec: what to quantize and how (default `QuantSpec()`: nf4, blocks of 64, every
         Dense-like kernel).
-      layouts: `{path: Factorization}` from `lowrank.discover_layouts`; a kernel found there
-        is stored with its contracted axes last, after its leading stack axes (this takes
-        precedence over `layout_fn` for the paths it names).
-      layout_fn: `(path, ndim, spec) -> Layout | None`, the rule for every other leaf.
+      layouts: `{path: Factorization}` from `lowrank.discover_layouts`: *how* a leaf is
+        laid out, never *whether* it is quantized. A selected leaf found there is stored
+        with its contracted axes last, after its leading stack axes, instead of the layout
+        `layout_fn` gives it. (discover_layouts also names Embed tables: they stay float
+        unless `spec` selects them.)
+      layout_fn: `(path, ndim, spec) -> Layout | None`: which leaves are quantized (None:
+        left as they are) and, for those not in `layouts`, how they are laid out.
 
     Example:
       >>> params = {"dense": {"kernel": jnp.ones((64, 8)), "bias": jnp.zeros(8)}}
@@ -176,14 +179,22 @@ def layout_for(path: str, leaf: Any, spec: QuantSpec,
                layout_fn: LayoutFn = default_layout) -> Layout | None:
     """The layout `quantize_tree` gives the leaf at `path` (None: left unquantized).
 
+    `layout_fn` (from `spec`) decides whether the leaf is quantized; `layouts` only changes
+    how a selected leaf is laid out.
+
     Example:
       >>> layout_for("fc/kernel", jnp.ones((3, 8, 4)), QuantSpec(stacked="fc/.*"))
       Layout(stack_axes=1, perm=(1, 0))
+      >>> from lowrank.layers import MATRIX
+      >>> layout_for("emb/embedding", jnp.ones((50, 8)), QuantSpec(),
+      ...            {"emb/embedding": MATRIX}) is None
+      True
     """
     ndim = np.ndim(leaf)
-    if layouts is not None and path in layouts:
-        return layout_from_factorization(ndim, layouts[path])
-    return layout_fn(path, ndim, spec)
+    layout = layout_fn(path, ndim, spec)
+    if layout is None or layouts is None or path not in layouts:
+        return layout
+    return layout_from_factorization(ndim, layouts[path])
 
 
 def quantize_leaf(path: str, leaf: jax.Array, spec: QuantSpec, layout: Layout) -> QuantizedArray:
