@@ -4,9 +4,8 @@ facts about the frozen base (parameters, bits per parameter, quantization error)
 results database, and :func:`training_config` resolves ``method`` / ``adapt`` into the
 ``lora`` fields ``lowrank.train.train`` reads.
 
-Baselines: ``LoraSpec`` needs at least one target, so "full" and "head" runs adapt a 1x1
-placeholder weight (``NO_ADAPTER``) that the forward pass drops; its two parameters are
-left out of every count. (A ``LoraSpec`` with no targets would remove this.)
+Baselines ("full" and "head") get ``lora.targets = None``: no adapters, only the
+``lora.trainable`` leaves trained (every weight, or the classifier head).
 """
 
 from __future__ import annotations
@@ -31,9 +30,6 @@ from lowrank import data, models, quant
 from lowrank.assets import cache_dir, minilm_dir
 from lowrank.train import Task, default_config, load_task, train
 
-NO_ADAPTER = "no_adapter"
-_PLACEHOLDER = NO_ADAPTER + "/kernel"
-_NOT_PLACEHOLDER = rf"(?!{NO_ADAPTER}/).*"
 HEADS = {"bert": r"classifier/.*", "llama": None}
 
 
@@ -42,7 +38,7 @@ class BaseInfo:
     """Facts about a task's frozen base, for the results database.
 
     Attributes:
-      base_params: parameters of the model (placeholder excluded).
+      base_params: parameters of the model.
       bits_per_param: bits the frozen model tree stores per parameter (float32 leaves: 32).
       quant_bits_per_param: the same over the quantized weights only (nan when none).
       weight_rmse: root-mean-square error of the dequantized weights against the originals
@@ -68,8 +64,8 @@ def family_of(config: Any) -> str:
 
 def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of ``config`` whose ``lora`` fields say what ``method`` and ``adapt`` mean:
-    LoRA on ``TARGET_SETS[family][adapt]``; or, for "full" and "head", only the placeholder
-    adapted and every weight ("full") or the head ("head") trained.
+    LoRA on ``TARGET_SETS[family][adapt]``; or, for "full" and "head", no adapters
+    (``lora.targets`` None) and every weight ("full") or the head ("head") trained.
 
     >>> from configs.common import base_config
     >>> c = base_config("configs.tasks:bbc_classifier"); c.adapt = "q"
@@ -91,30 +87,19 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if config.method == "head" and HEADS[family] is None:
         raise ValueError(f"config.method 'head' needs a classifier head; the {family} task "
                          "has none: use 'lora' or 'full'")
-    lora.targets, lora.rank, lora.exclude = _PLACEHOLDER, 1, None
-    lora.rank_pattern, lora.alpha_pattern = (), ()
-    lora.trainable = _NOT_PLACEHOLDER if config.method == "full" else HEADS[family]
+    # The other adapter fields stay as the config gives them: without targets they are unused.
+    lora.targets = None
+    lora.trainable = ".*" if config.method == "full" else HEADS[family]
     return config
 
 
 def count_trainable(trainable: Any) -> int:
-    """Parameters of a trainable tree, the baselines' placeholder adapter excluded.
+    """Parameters of a trainable tree (both factors of each adapter, every full-rank leaf).
 
-    >>> count_trainable({"no_adapter": {"kernel": 0}, "w": jnp.ones(3)})
-    3
+    >>> count_trainable({"head": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}})
+    9
     """
-    tree = {k: v for k, v in trainable.items() if k != NO_ADAPTER}
-    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
-
-
-def _drop_placeholder(tree: Any) -> Any:
-    return {k: v for k, v in tree.items() if k != NO_ADAPTER}
-
-
-def _with_placeholder(params: dict, config: Any) -> dict:
-    if config.method == "lora":
-        return params
-    return {**params, NO_ADAPTER: {"kernel": jnp.zeros((1, 1), jnp.float32)}}
+    return sum(int(np.size(x)) for x in jax.tree.leaves(trainable))
 
 
 def _quantize(params: dict, config: Any, family: str) -> tuple[dict, BaseInfo]:
@@ -194,8 +179,8 @@ def _bert_base(name: str, num_labels: int, tiny: tuple) -> tuple[Any, dict]:
 
 
 def _bert_forward(model, frozen, trainable, batch, rng):
-    return lr.apply(model, _drop_placeholder(frozen), _drop_placeholder(trainable),
-                    batch["input_ids"], batch["attention_mask"], lora_rng=rng)
+    return lr.apply(model, frozen, trainable, batch["input_ids"], batch["attention_mask"],
+                    lora_rng=rng)
 
 
 def _bbc(config: Any) -> tuple[Task, BaseInfo]:
@@ -218,8 +203,8 @@ def _bbc(config: Any) -> tuple[Task, BaseInfo]:
     def eval_batches():
         return data.eval_batches(eval_arrays, d.eval_batch_size)
 
-    task = Task(model, _with_placeholder(frozen, config), train_batch, "classification",
-                eval_batches, forward=_bert_forward, source=f"bbc:{m.name}")
+    task = Task(model, frozen, train_batch, "classification", eval_batches,
+                forward=_bert_forward, source=f"bbc:{m.name}")
     return task, info
 
 
@@ -250,11 +235,6 @@ def _lm_windows(domain: str, split: str, seq_len: int, max_bytes: int) -> dict[s
     return data.lm_windows(data.lm_tokens(domain, split, max_bytes=max_bytes or None), seq_len)
 
 
-def _lm_forward(model, frozen, trainable, batch, rng):
-    return lr.apply(model, _drop_placeholder(frozen), _drop_placeholder(trainable),
-                    batch["inputs"], lora_rng=rng)
-
-
 def _lm_task(model, params, config, domain: str, split_sizes: tuple[int, int]) -> Task:
     d = config.data
     train_windows = _lm_windows(domain, "train", d.seq_len, d.python_max_bytes)
@@ -265,7 +245,7 @@ def _lm_task(model, params, config, domain: str, split_sizes: tuple[int, int]) -
     return Task(
         model, params, lambda seed, step: data.batch_at(train_windows, step, batch_size, seed),
         "lm", lambda: data.eval_batches(eval_windows, d.eval_batch_size),
-        forward=_lm_forward, source=f"lm:{domain}",
+        source=f"lm:{domain}",
     )
 
 
@@ -291,12 +271,10 @@ def pretrained_lm(config: Any) -> tuple[Any, dict]:
     pre.optimizer.learning_rate, pre.optimizer.schedule = p.learning_rate, "warmup_cosine"
     pre.optimizer.warmup_steps, pre.optimizer.clip_norm = max(p.steps // 10, 1), 1.0
     pre.log.tensorboard, pre.export_adapters = False, False
-    pre.lora.targets, pre.lora.rank, pre.lora.trainable = _PLACEHOLDER, 1, _NOT_PLACEHOLDER
-    with_placeholder = {**params, NO_ADAPTER: {"kernel": jnp.zeros((1, 1), jnp.float32)}}
-    task = _lm_task(model, with_placeholder, _with_batch_size(config, p.batch_size), "python",
+    pre.lora.targets, pre.lora.trainable = None, ".*"
+    task = _lm_task(model, params, _with_batch_size(config, p.batch_size), "python",
                     (0, d.eval_windows))
-    result = train(pre, task)
-    trained = _drop_placeholder(result.trainable)
+    trained = train(pre, task).trainable
     directory.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
         models.save_pretrained(tmp, model, trained)
@@ -318,8 +296,7 @@ def _with_batch_size(config: Any, batch_size: int) -> Any:
 def _lm(config: Any) -> tuple[Task, BaseInfo]:
     model, params = pretrained_lm(config)
     frozen, info = _quantize(dict(params), config, "llama")
-    task = _lm_task(model, _with_placeholder(frozen, config), config, "english",
-                    (0, config.data.eval_windows))
+    task = _lm_task(model, frozen, config, "english", (0, config.data.eval_windows))
     return task, info
 
 
@@ -348,9 +325,9 @@ def build(config: Any) -> tuple[Task, BaseInfo]:
     if config.task in FACTORIES:
         return FACTORIES[config.task](config)
     task = load_task(config)
-    params = _drop_placeholder(dict(task.params))
+    params = dict(task.params)
     frozen, info = _quantize(params, config, "bert")
     if frozen is not params:
         raise ValueError(f"config.quant.fmt {config.quant.fmt!r} applies to the configs.tasks "
                          f"factories only; {config.task!r} gets its base as it is")
-    return dataclasses.replace(task, params=_with_placeholder(params, config)), info
+    return task, info
