@@ -1,7 +1,7 @@
 """Tests of the benchmark helpers: the step under test, FLOP counts, the worker protocol, and
 smoke runs of the scaling and GPU scripts at tiny sizes (slow tier).
 
-    .venv/bin/python -m pytest -q benchmarks/peers/test_benchmarks.py
+    .venv/bin/python -m pytest -q tests/test_benchmarks_peers.py
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from benchmarks.peers import lowrank_steps as ls
-from benchmarks.peers import workers
 from lowrank.train.task import default_forward
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ is not installed: import it from the checkout, however pytest was started.
+sys.path.insert(0, str(REPO))
+from benchmarks.peers import lowrank_steps as ls  # noqa: E402
+from benchmarks.peers import workers  # noqa: E402
 
 
 class _Mlp(nn.Module):
