@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import lowrank as lr
 from lowrank import models, paths
-from lowrank.interop import naming, peft
+from lowrank.interop import peft
 
 HF = Path(__file__).parent / "fixtures" / "hf"
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
@@ -188,7 +188,7 @@ def test_shapes_that_do_not_fit_are_named(llama, tmp_path):
     with pytest.raises(ValueError, match=rf"{key} has shape \(5, 16\).*must be \(6, 16\)"):
         peft.load(directory, params, model)
     # an adapter of the 16-wide Llama onto a 64-wide one (shapes only: no weights read)
-    wide = naming.model_from_dir(FIXTURES / "llama64_nf4")
+    wide = models.build_model(FIXTURES / "llama64_nf4")
     with pytest.raises(ValueError, match=r"down_proj.lora_A.weight has shape \(2, 24\); with "
                                          r"r=2 .* must be \(2, 64\)"):
         peft.load(FIXTURES / "theirs_llama", models.abstract_params(wide), wide)

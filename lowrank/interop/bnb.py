@@ -179,7 +179,7 @@ def load(
     >>> logits = lowrank.apply(model, frozen, {}, input_ids)  # doctest: +SKIP
     """
     directory = Path(directory)
-    model = naming.model_from_dir(directory, scan_layers=scan_layers, remat=remat, dtype=dtype)
+    model = hf.build_model(directory, scan_layers=scan_layers, remat=remat, dtype=dtype)
     qc = _quantization_config(directory, hf.read_config(directory))
     compute = qc.get("bnb_4bit_compute_dtype") or None
     index = naming.tensor_index(model, hf.abstract_params(model))

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lowrank import paths
-from lowrank.interop import naming, peft
+from lowrank.interop import peft
 from lowrank.models import hf
 from lowrank.spec import LoraSpec
 from lowrank.train import export
@@ -42,10 +42,10 @@ def to_peft(src: str | Path, dst: str | Path, base: str | Path) -> Path:
     """
     index = export.read_index(src)
     adapters = export.load_adapters(src)
-    model = naming.model_from_dir(base)
+    model = hf.build_model(base)
     layer_list = hf.architecture_of(model).layer_list
     if any(hf.is_stacked(p, layer_list) for p in paths.flatten(adapters)):
-        model = naming.model_from_dir(base, scan_layers=True)
+        model = hf.build_model(base, scan_layers=True)
     return peft.save(dst, spec_of(index.get("lora") or {}), adapters, model,
                      base_model_name_or_path=str(base))
 
@@ -57,7 +57,7 @@ def from_peft(src: str | Path, dst: str | Path, base: str | Path, *,
     >>> from_peft("hub/adapter", "run/adapters", "models/tiny_llama")  # doctest: +SKIP
     PosixPath('run/adapters')
     """
-    model = naming.model_from_dir(base, scan_layers=scan_layers)
+    model = hf.build_model(base, scan_layers=scan_layers)
     spec, adapters = peft.load(src, hf.abstract_params(model), model)
     return export.export_adapters(dst, adapters, lora=dataclasses.asdict(spec),
                                   base={"source": str(base), "converted_from": str(src)})

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from lowrank import paths
 from lowrank.lora import shape_of
@@ -85,27 +83,3 @@ def slice_of(array: Any, slot: Slot) -> Any:
 def leaf_name(path: str) -> str:
     """The last part of a parameter path (``kernel``, ``bias``...)."""
     return path.rpartition(paths.SEP)[2]
-
-
-def model_from_dir(
-    directory: str | Path, *, scan_layers: bool = False, remat: bool = False,
-    dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-) -> nn.Module:
-    """Our model for a Hugging Face directory, built from its config.json without reading any
-    weight (only the checkpoint's tensor names, which decide e.g. whether BERT has a pooler).
-
-    >>> model = model_from_dir("tests/fixtures/hf/tiny_llama")  # doctest: +SKIP
-    """
-    config = hf.read_config(directory)
-    model_type = config.get("model_type")
-    if model_type not in hf.ARCHITECTURES:
-        raise ValueError(
-            f"model_type={model_type!r} in {Path(directory) / 'config.json'} is not supported; "
-            f"accepted: {sorted(hf.ARCHITECTURES)}"
-        )
-    with hf.Checkpoint(directory) as ckpt:
-        keys = ckpt.keys()
-    return hf.ARCHITECTURES[model_type].build(
-        config, keys, num_labels=None, pooling=None, dtype=dtype, param_dtype=param_dtype,
-        scan_layers=scan_layers, remat=remat,
-    )

@@ -14,6 +14,7 @@ from lowrank.models.bert import (
 )
 from lowrank.models.hf import (
     abstract_params,
+    build_model,
     from_pretrained,
     hf_key,
     load_params,
@@ -30,6 +31,7 @@ __all__ = [
     "LlamaConfig",
     "LlamaForCausalLM",
     "abstract_params",
+    "build_model",
     "causal_mask",
     "from_pretrained",
     "hf_key",

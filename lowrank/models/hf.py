@@ -396,6 +396,39 @@ def load_params(
     return paths.unflatten({p: loaded[p] for p in wanted})
 
 
+def build_model(
+    directory: str | Path,
+    *,
+    num_labels: int | None = None,
+    pooling: str | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    scan_layers: bool = False,
+    remat: bool = False,
+) -> nn.Module:
+    """Our linen model for a Hugging Face directory, from its config.json; no weight is read.
+
+    Only the checkpoint's tensor names are looked at (they say, e.g., whether a BERT has a
+    pooler). The options are those of :func:`from_pretrained`.
+
+    >>> model = build_model("tests/fixtures/hf/tiny_llama", scan_layers=True)  # doctest: +SKIP
+    >>> params = load_params(model, "tests/fixtures/hf/tiny_llama")  # doctest: +SKIP
+    """
+    config = read_config(directory)
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"model_type={model_type!r} in {Path(directory) / 'config.json'} is not supported; "
+            f"accepted: {sorted(ARCHITECTURES)}"
+        )
+    with Checkpoint(directory) as ckpt:
+        keys = ckpt.keys()
+    return ARCHITECTURES[model_type].build(
+        config, keys, num_labels=num_labels, pooling=pooling, dtype=dtype,
+        param_dtype=param_dtype, scan_layers=scan_layers, remat=remat,
+    )
+
+
 def from_pretrained(
     directory: str | Path,
     *,
@@ -422,18 +455,8 @@ def from_pretrained(
     >>> model, params = from_pretrained(lowrank.assets.minilm_dir())  # doctest: +SKIP
     >>> model.apply({"params": params}, ids, mask).last_hidden_state  # doctest: +SKIP
     """
-    config = read_config(directory)
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"model_type={model_type!r} in {Path(directory) / 'config.json'} is not supported; "
-            f"accepted: {sorted(ARCHITECTURES)}"
-        )
-    arch = ARCHITECTURES[model_type]
-    with Checkpoint(directory) as ckpt:
-        keys = ckpt.keys()
-    model = arch.build(
-        config, keys, num_labels=num_labels, pooling=pooling, dtype=dtype,
+    model = build_model(
+        directory, num_labels=num_labels, pooling=pooling, dtype=dtype,
         param_dtype=param_dtype, scan_layers=scan_layers, remat=remat,
     )
     return model, load_params(model, directory, key=key)
@@ -522,6 +545,6 @@ def save_pretrained(
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "Checkpoint", "abstract_params", "architecture_of",
-    "bert_config_from_hf", "from_pretrained", "hf_key", "hf_tensors", "llama_config_from_hf",
-    "load_params", "read_config", "save_pretrained",
+    "bert_config_from_hf", "build_model", "from_pretrained", "hf_key", "hf_tensors",
+    "llama_config_from_hf", "load_params", "read_config", "save_pretrained",
 ]
