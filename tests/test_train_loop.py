@@ -203,6 +203,22 @@ def test_bad_config_values_are_named():
         lt.train(_config(), short)
 
 
+def test_adamw_arguments_map_every_optimizer_field_but_the_schedule():
+    """One mapping of config.optimizer for single runs and stacks: a field added to the config
+    but not to it would be silently ignored by both."""
+    from lowrank import stack
+
+    assert stack.adamw_arguments is lt.adamw_arguments
+    schedule_fields = {"learning_rate", "schedule", "warmup_steps", "end_learning_rate"}
+    config = lt.default_config()
+    changed = {"weight_decay": 0.1, "loraplus_ratio": 4.0, "clip_norm": 0.5, "b1": 0.8,
+               "b2": 0.95, "eps": 1e-6}
+    assert set(config.optimizer) - schedule_fields == set(changed)
+    for name, value in changed.items():
+        config.optimizer[name] = value
+    assert lt.adamw_arguments(config, 0.25) == {"learning_rate": 0.25, **changed}
+
+
 # --- a run killed with SIGKILL and resumed equals one that never stopped ---------------------
 
 KILL_STEPS = 40

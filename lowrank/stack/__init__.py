@@ -21,7 +21,6 @@ schedule, weight decay and Adam's constants; each member's result equals that of
 from lowrank.stack.layout import StackedState, member_state, stack_states, unstack_states
 from lowrank.stack.runs import (
     MEMBER_KEYS,
-    adamw_arguments,
     check_compatible,
     group_compatible,
     shared_fields,
@@ -34,6 +33,7 @@ from lowrank.stack.step import (
     member_loss_fn,
     with_multipliers,
 )
+from lowrank.train.loop import adamw_arguments  # kept here too: stacks are built with it
 
 __all__ = [
     "MEMBER_KEYS",

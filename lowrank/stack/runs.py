@@ -28,7 +28,7 @@ from lowrank import results
 from lowrank.stack.layout import stack_states, unstack_states
 from lowrank.stack.step import make_stacked_eval_step, make_stacked_train_step
 from lowrank.train.evaluate import evaluate
-from lowrank.train.loop import TrainResult, check_config, init_state, optimizer
+from lowrank.train.loop import TrainResult, adamw_arguments, check_config, init_state, optimizer
 from lowrank.train.precision import resolve_dtype
 from lowrank.train.step import make_loss_fn
 from lowrank.train.stepping import NonFiniteLoss
@@ -142,20 +142,6 @@ def _check_stackable(configs: Sequence[Any]) -> None:
         if config.lora.init not in STACKABLE_INITS:
             raise ValueError(f"run {i}: config.lora.init {config.lora.init!r} changes the "
                              f"frozen base, which a stack shares; stackable: {STACKABLE_INITS}")
-
-
-def adamw_arguments(config: Any, schedule: Any) -> dict[str, Any]:
-    """The ``lowrank.optim.adamw`` arguments of ``config.optimizer`` (as
-    ``lowrank.train.optimizer`` uses them), with ``schedule`` as the learning rate.
-
-    >>> from lowrank.train import default_config
-    >>> sorted(adamw_arguments(default_config(), 1e-3))[:3]
-    ['b1', 'b2', 'clip_norm']
-    """
-    o = config.optimizer
-    return dict(learning_rate=schedule, weight_decay=o.weight_decay,
-                loraplus_ratio=o.loraplus_ratio, clip_norm=o.clip_norm, b1=o.b1, b2=o.b2,
-                eps=o.eps)
 
 
 def _init_states(configs: Sequence[Any], task: Task) -> list:

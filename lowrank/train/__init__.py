@@ -13,6 +13,7 @@ from lowrank.train.evaluate import evaluate
 from lowrank.train.export import export_adapters, load_adapters
 from lowrank.train.loop import (
     TrainResult,
+    adamw_arguments,
     check_config,
     init_state,
     optimizer,
@@ -47,6 +48,7 @@ __all__ = [
     "Task",
     "TrainResult",
     "TrainState",
+    "adamw_arguments",
     "cast_floating",
     "check_config",
     "classification_loss",

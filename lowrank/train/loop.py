@@ -139,9 +139,23 @@ def optimizer(config: Any) -> tuple[optax.Schedule, optax.GradientTransformation
     o = config.optimizer
     schedule = make_schedule(o.schedule, o.learning_rate, steps=config.steps,
                              warmup_steps=o.warmup_steps, end_learning_rate=o.end_learning_rate)
-    tx = optim.adamw(schedule, weight_decay=o.weight_decay, loraplus_ratio=o.loraplus_ratio,
-                     clip_norm=o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps)
-    return schedule, tx
+    return schedule, optim.adamw(**adamw_arguments(config, schedule))
+
+
+def adamw_arguments(config: Any, schedule: optax.ScalarOrSchedule) -> dict[str, Any]:
+    """The keyword arguments of :func:`lowrank.optim.adamw` that ``config.optimizer`` gives,
+    with ``schedule`` as the learning rate: what :func:`optimizer` builds for a single run,
+    and what ``lowrank.stack`` maps over for each member of a stack.
+
+    >>> from lowrank.train.config import default_config
+    >>> arguments = adamw_arguments(default_config(), 1e-3)
+    >>> arguments["learning_rate"], arguments["clip_norm"], sorted(arguments)[:3]
+    (0.001, None, ['b1', 'b2', 'clip_norm'])
+    """
+    o = config.optimizer
+    return dict(learning_rate=schedule, weight_decay=o.weight_decay,
+                loraplus_ratio=o.loraplus_ratio, clip_norm=o.clip_norm, b1=o.b1, b2=o.b2,
+                eps=o.eps)
 
 
 def init_state(config: Any, task: Task) -> TrainState:
