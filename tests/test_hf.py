@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -55,3 +56,18 @@ def test_build_model_names_a_bad_model_type(tmp_path):
     (d / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     with pytest.raises(ValueError, match=r"model_type='gpt2' .* accepted: \['bert', 'llama'\]"):
         models.build_model(d)
+
+
+def test_new_head_gets_the_values_of_a_full_init():
+    key = jax.random.key(3)
+    model, params = models.from_pretrained(FIXTURES / "tiny_bert", num_labels=4,
+                                           pooling="mean", key=key)
+    # Jitted, as loading was before it initialised only the missing leaves (eager init rounds
+    # the truncated normal differently in the last bit).
+    full = jax.jit(model.init)(key, np.zeros((1, 1), np.int32))["params"]
+    for leaf in ("kernel", "bias"):
+        np.testing.assert_array_equal(params["classifier"][leaf], full["classifier"][leaf])
+    assert float(np.std(params["classifier"]["kernel"])) > 0
+    # Only the head is new: the base comes from the checkpoint, not from the init.
+    assert not np.allclose(params["bert"]["encoder"]["layer_0"]["output"]["dense"]["kernel"],
+                           full["bert"]["encoder"]["layer_0"]["output"]["dense"]["kernel"])
