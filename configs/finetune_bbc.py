@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))  # the sizes apply to name="tiny" only
     config.data = ml_collections.ConfigDict(dict(
         max_length=32, train_examples=0, eval_split="test", eval_examples=0, eval_batch_size=64,
-    ))  # 0 examples: all of them
+    ))  # 0 examples: all of them; otherwise a subset stratified by topic (tasks.stratified_subset)
     config.lora.rank, config.lora.alpha = 8, 16.0
     config.lora.trainable = r"classifier/.*"
     config.steps, config.batch_size = 30, 32

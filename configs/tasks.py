@@ -162,6 +162,31 @@ def bbc_arrays(max_length: int) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def stratified_subset(arrays: dict[str, np.ndarray], n: int, seed: int = 0) -> dict:
+    """``n`` examples of ``arrays`` (all of them when ``n`` is 0 or at least their number),
+    taken from each label in turn, within a label in the order :func:`lowrank.data.hash_order`
+    fixes by ``seed``; kept in their order in ``arrays``. A function of the split alone.
+
+    The BBC splits list their articles by id, so their first ``n`` articles would all be of
+    the first topic ("business").
+
+    >>> split = {"labels": np.array([0, 0, 0, 0, 1, 1, 2]), "x": np.arange(7)}
+    >>> stratified_subset(split, 4)["labels"].tolist()
+    [0, 0, 1, 2]
+    """
+    labels = np.asarray(arrays["labels"])
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"a subset of {n!r} examples: use 0 (all of them) or a positive size")
+    if n == 0 or n >= len(labels):
+        return arrays
+    by_label = [data.hash_order([str(i) for i in np.flatnonzero(labels == y)], seed)
+                for y in np.unique(labels)]
+    in_turn = [int(group[k]) for k in range(max(map(len, by_label))) for group in by_label
+               if k < len(group)]
+    chosen = np.sort(np.array(in_turn[:n]))
+    return {k: v[chosen] for k, v in arrays.items()}
+
+
 @functools.lru_cache(maxsize=2)
 def _bert_base(name: str, num_labels: int, tiny: tuple) -> tuple[Any, dict]:
     if name == "minilm":
@@ -189,12 +214,8 @@ def _bbc(config: Any) -> tuple[Task, BaseInfo]:
                                            m.intermediate_size))
     frozen, info = _quantize(dict(params), config, "bert")
     splits = bbc_arrays(d.max_length)
-    train_arrays = splits["train"]
-    if d.train_examples:
-        train_arrays = {k: v[: d.train_examples] for k, v in train_arrays.items()}
-    eval_arrays = splits[d.eval_split]
-    if d.eval_examples:
-        eval_arrays = {k: v[: d.eval_examples] for k, v in eval_arrays.items()}
+    train_arrays = stratified_subset(splits["train"], d.train_examples)
+    eval_arrays = stratified_subset(splits[d.eval_split], d.eval_examples)
     batch_size = config.batch_size
 
     def train_batch(seed: int, step: int) -> dict:

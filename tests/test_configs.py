@@ -1,12 +1,14 @@
 """configs/: what the baselines train, that the committed results stay recognised as finished,
 and what the :tiny BBC configs train and evaluate on."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -72,13 +74,18 @@ def test_full_baseline_trains_every_base_weight():
 
 
 def test_tiny_head_baseline_loss_decreases(tmp_path):
+    """The head-only baseline trains its head: the loss on one batch, seen at every step,
+    falls once the warmup step (learning rate 0) is past. (Over the changing batches of the
+    stratified tiny subset a few steps of a random tiny BERT's head stay near chance.)"""
     resolved = tasks.training_config(_baseline("head"))
-    resolved.workdir = str(tmp_path)
+    resolved.workdir, resolved.steps = str(tmp_path), 5
     task, _ = tasks.build(resolved)
-    result = train(resolved, task)
+    one_batch = dataclasses.replace(task, train_batch=lambda seed, step: task.train_batch(seed, 0))
+    result = train(resolved, one_batch)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
-    assert len(losses) == resolved.steps
+    assert len(losses) == 5 and losses[0] == losses[1]  # warmup: step 0 has learning rate 0
+    assert all(b < a for a, b in zip(losses[1:-1], losses[2:], strict=True)), losses
     assert losses[-1] < losses[0] - 0.05, losses
     assert tasks.count_trainable(result.trainable) == 165
 
@@ -99,3 +106,51 @@ def test_committed_results_are_recognised_as_finished():
         assert set(rows.config_hash) == expected, experiment
     methods = set(frame["config.method"])
     assert methods == {"lora", "full", "head"}
+
+
+# ---- the :tiny BBC subsets ------------------------------------------------------------------
+
+def _rows(batches):
+    """The real rows of ``batches`` as a set of token tuples with their label."""
+    rows = []
+    for batch in batches:
+        for ids, label, valid in zip(batch["input_ids"], batch["labels"], batch["valid"],
+                                     strict=True):
+            if valid:
+                rows.append((tuple(ids.tolist()), int(label)))
+    return rows
+
+
+def test_tiny_bbc_eval_and_train_subsets_cover_several_topics():
+    config = common.load("configs/finetune_bbc.py:tiny")[1]
+    task, _ = tasks.build(tasks.training_config(config))
+    split = tasks.bbc_arrays(config.data.max_length)["test"]
+    assert set(split["labels"][:config.data.eval_examples].tolist()) == {0}  # sorted by id
+    rows = _rows(task.eval_batches())
+    assert len(rows) == config.data.eval_examples == 24
+    labels = [label for _, label in rows]
+    assert len(set(labels)) >= 3 and max(labels.count(y) for y in set(labels)) <= 5
+    whole = set(_rows(tasks.data.eval_batches(split, 64)))
+    assert set(rows) <= whole  # articles of the test split, each once
+    assert rows == _rows(tasks.build(tasks.training_config(config))[0].eval_batches())
+    train_labels = {int(y) for step in range(8) for y in task.train_batch(0, step)["labels"]}
+    assert train_labels == {0, 1, 2, 3, 4}
+
+
+def test_stratified_subset_takes_labels_in_turn_and_keeps_full_sets_whole():
+    labels = np.array([0] * 6 + [1] * 3 + [2])
+    arrays = {"labels": labels, "x": np.arange(10)}
+    picked = tasks.stratified_subset(arrays, 5)
+    assert sorted(picked["labels"].tolist()) == [0, 0, 1, 1, 2]
+    assert np.array_equal(picked["labels"], labels[picked["x"]])  # rows stay whole, in order
+    assert list(picked["x"]) == sorted(picked["x"])
+    assert tasks.stratified_subset(arrays, 0) is arrays
+    assert tasks.stratified_subset(arrays, 10) is arrays
+    other_seed = tasks.stratified_subset(arrays, 5, seed=1)
+    assert sorted(other_seed["labels"].tolist()) == [0, 0, 1, 1, 2]
+    with pytest.raises(ValueError, match="a subset of -1 examples"):
+        tasks.stratified_subset(arrays, -1)
+    # The full-size and :quick configs (the committed results) use every article.
+    for variant in ("default", "quick"):
+        config = common.load(f"configs/finetune_bbc.py:{variant}")[1]
+        assert (config.data.eval_examples, config.data.train_examples) == (0, 0)
