@@ -115,7 +115,9 @@ class BertSelfAttention(_Module):
         q = split(self.dense(c.hidden_size, "query")(x))
         k = split(self.dense(c.hidden_size, "key")(x))
         v = split(self.dense(c.hidden_size, "value")(x))
-        drop = nn.Dropout(c.attention_probs_dropout_prob, deterministic=self.deterministic)
+        # Dropout off: no mask of ones to build and multiply by.
+        active = not self.deterministic and c.attention_probs_dropout_prob > 0
+        drop = nn.Dropout(c.attention_probs_dropout_prob, deterministic=False) if active else None
         out = dot_product_attention(q, k, v, mask, dropout=drop)
         return out.reshape(*x.shape[:-1], c.hidden_size)
 

@@ -123,7 +123,9 @@ class LlamaAttention(_Module):
         k = project(c.num_key_value_heads * c.head_dim, "k_proj", c.num_key_value_heads)
         v = project(c.num_key_value_heads * c.head_dim, "v_proj", c.num_key_value_heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        drop = nn.Dropout(c.attention_dropout, deterministic=self.deterministic)
+        # Dropout off: no mask of ones to build and multiply by.
+        active = not self.deterministic and c.attention_dropout > 0
+        drop = nn.Dropout(c.attention_dropout, deterministic=False) if active else None
         out = dot_product_attention(q, k, v, mask, dropout=drop)
         out = out.reshape(*x.shape[:-1], c.num_attention_heads * c.head_dim)
         return self.dense(c.hidden_size, "o_proj", bias)(out)
