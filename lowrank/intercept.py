@@ -82,6 +82,10 @@ class _Interceptor:
                 f"{_where(module, name)!r} is a weight of {type(module).__name__}, which "
                 f"lowrank cannot adapt or dequantize; supported layers: {layers.SUPPORTED}"
             )
+        if quantized and context.method_name == "setup":
+            # A layer that declares its weight in setup (nn.Embed) would check the packed
+            # codes against the weight's shape; its methods run on a dequantized clone instead.
+            return None
         if context.method_name not in rule.methods:
             return next_fun(*args, **kwargs)
         if quantized:

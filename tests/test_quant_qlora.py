@@ -139,3 +139,29 @@ def test_backward_recomputes_the_dequantized_kernels_instead_of_keeping_them():
     assert grad_temp_bytes(frozen) < stacked_float_bytes / 2
     # The float base's gradient needs no kernel copies either: the bound above is not loose.
     assert grad_temp_bytes(quant.dequantize_tree(frozen, jnp.float32)) < stacked_float_bytes / 2
+
+
+class _Tied(nn.Module):
+    """Looks tokens up in an embedding and reads logits off the same table (tied head)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(128, 64, name="embed")
+        return embed.attend(nn.Dense(64, name="mix")(embed(ids)))
+
+
+def test_a_quantized_embedding_table_runs_in_lookup_and_attend():
+    model, ids = _Tied(), jnp.arange(12).reshape(2, 6)
+    params = model.init(jax.random.key(0), ids)["params"]
+    frozen = quant.quantize_tree(params, quant.QuantSpec("nf4", extra=r"embed/embedding"))
+    assert quant.is_quantized(frozen["embed"]["embedding"])
+    plain = quant.dequantize_tree(frozen, jnp.float32)
+    spec = lr.LoraSpec(rank=4, targets=r".*(embedding|kernel)")
+    adapters = _nonzero_b(lr.init_adapters(jax.random.key(1), params, spec), jax.random.key(2))
+    for trained in ({}, adapters):
+        np.testing.assert_allclose(lr.apply(model, frozen, trained, ids),
+                                   lr.apply(model, plain, trained, ids), rtol=1e-5, atol=1e-5)
+    y = jax.random.normal(jax.random.key(3), (2, 6, 128))
+    _, grads_q = _adapter_grads(model, frozen, adapters, ids, y)
+    _, grads_f = _adapter_grads(model, plain, adapters, ids, y)
+    _assert_trees_close(grads_q, grads_f, 1e-5)
