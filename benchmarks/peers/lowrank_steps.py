@@ -44,6 +44,7 @@ class Step:
         ``alias`` (outputs written into donated arguments), ``temp`` (activations and other
         intermediates), and ``peak`` = argument + output - alias + temp.
       losses: the loss of every step run so far (to check that it trains).
+      compiled: the compiled step (its optimized HLO and cost analysis, for profiling).
     """
 
     run: Callable[[], None]
@@ -56,6 +57,7 @@ class Step:
     opt_state_bytes: int
     xla: dict[str, int]
     losses: list[float]
+    compiled: Any = None
 
 
 def _xla_memory(compiled: Any) -> dict[str, int]:
@@ -167,7 +169,7 @@ def make_step(
                              if lr.is_quantized(x)),
         frozen_bytes=size(frozen) if mode != "full" else 0,
         trainable_bytes=size(trainable), opt_state_bytes=size(state.opt_state),
-        xla=_xla_memory(compiled), losses=losses,
+        xla=_xla_memory(compiled), losses=losses, compiled=compiled,
     )
 
 

@@ -47,7 +47,8 @@ def _targets(config: str) -> str:
     return "qv" if config.endswith("_qv") else "all"
 
 
-def ours_build(config: str, model_dir: str, inputs: dict[str, np.ndarray]):
+def ours_step(config: str, model_dir: str, inputs: dict[str, np.ndarray]):
+    """Our compiled step of ``config`` (a ``lowrank_steps.Step``) on the real MiniLM."""
     import jax
     import jax.numpy as jnp
 
@@ -58,18 +59,22 @@ def ours_build(config: str, model_dir: str, inputs: dict[str, np.ndarray]):
     model, params = models.from_pretrained(model_dir, num_labels=LABELS, pooling="pooler",
                                            key=jax.random.key(0))
     batch = {k: jnp.asarray(v) for k, v in inputs.items()}
-
-    def forward(model, frozen, trainable, batch, rng):
-        return lr.apply(model, frozen, trainable, batch["input_ids"], batch["attention_mask"],
-                        batch["token_type_ids"], lora_rng=rng)
-
     mode = CONFIGS[config]
     spec = lr.LoraSpec(rank=RANK, alpha=ALPHA, targets=OURS_TARGETS[_targets(config)],
                        trainable=r"classifier/.*")
     quant = lr.QuantSpec("nf4", block_size=64, double_quant=True, targets=r"bert/encoder/.*")
-    step = lowrank_steps.make_step(model, params, batch, forward, "classification", mode=mode,
+    step = lowrank_steps.make_step(model, params, batch, lowrank_steps.bert_forward,
+                                   "classification", mode=mode,
                                    spec=None if mode == "full" else spec, quant=quant)
     del params
+    return step
+
+
+def ours_build(config: str, model_dir: str, inputs: dict[str, np.ndarray]):
+    import jax
+
+    step = ours_step(config, model_dir, inputs)
+    mode = CONFIGS[config]
     info = {"jax": jax.__version__, "backend": jax.default_backend(),
             "trainable_params": step.trainable_params, "weights_bytes": step.frozen_bytes
             if mode != "full" else step.trainable_bytes, "xla": step.xla,

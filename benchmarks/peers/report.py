@@ -44,13 +44,14 @@ def peers_table(d: dict) -> str:
 def peers_runs_table(runs: dict[str, dict]) -> str:
     """One row per run: the load it ran under and its ours / peer time ratios."""
     configs = list(next(iter(runs.values()))["rows"])
-    lines = ["| run | load average (1 min) before, after | " + " | ".join(configs)
-             + " | ours QLoRA / LoRA | ours LoRA / full |",
-             "|---|---|" + "--:|" * (len(configs) + 2)]
+    lines = ["| run | lowrank at | rounds | load average (1 min) before, after | "
+             + " | ".join(configs) + " | ours QLoRA / LoRA | ours LoRA / full |",
+             "|---|---|--:|---|" + "--:|" * (len(configs) + 2)]
     for name, d in runs.items():
         m, w = d["meta"], d["within"]
         ratios = " | ".join(f"{d['rows'][c]['time_ratio']:.2f}" for c in configs)
-        lines.append(f"| {name} | {m['load_before'][0]}, {m['load_after'][0]} | {ratios} | "
+        lines.append(f"| {name} | {m.get('commit') or 'see text'} | {m['rounds']} | "
+                     f"{m['load_before'][0]}, {m['load_after'][0]} | {ratios} | "
                      f"{w.get('ours qlora_all / lora_all', float('nan')):.2f} | "
                      f"{w.get('ours lora_all / full', float('nan')):.2f} |")
     return "\n".join(lines)
