@@ -45,8 +45,8 @@ def category(body: str) -> str:
         if re.search(r"f32\[(\d+,)*8\]|f32\[8,", body):
             return "rank-8 matmuls (LoRA)"
         return "matmuls"
-    for label, pattern in (("softmax (exp)", r" exponential\("), ("GELU (erf)", r" erf\("),
-                           ("dequantize", r" gather\(|[su]4\[|u8\["),
+    for label, pattern in (("GELU (erf)", r" erf\("), ("softmax (exp)", r" exponential\("),
+                           ("lookups, dequantize", r" gather\(|[su]4\[|u8\["),
                            ("reductions (LayerNorm, loss, AdamW)", r" reduce\("),
                            ("transposes and copies", r" (transpose|copy)\(")):
         if re.search(pattern, body):
@@ -168,7 +168,7 @@ def main() -> None:
     print(f"ours {args.config}: step {result['step_ms']:.0f} ms (median of 5); op time per "
           f"step {total:.0f} ms")
     for label, ms in result["op_ms"].items():
-        print(f"  {label:32s} {ms:7.1f} ms  {100 * ms / total:5.1f}%")
+        print(f"  {label:38s} {ms:7.1f} ms  {100 * ms / total:5.1f}%")
     print(f"XLA cost analysis: {result['xla_flops'] / 1e9:.1f} GFLOP per step; a "
           f"[{minilm_step.BATCH * minilm_step.SEQ}, 384] x [384, 1536] matmul alone runs at "
           f"{result['matmul_gflops_per_s']:.0f} GFLOP/s: floor {result['floor_ms']:.0f} ms")
