@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
@@ -96,6 +97,16 @@ def gpu_table(d: dict) -> str:
     return "\n".join(lines) + "\n\n" + "; ".join(ratios)
 
 
+def _run_number(path: Path) -> tuple[int, str]:
+    """Sort key: ``..._run10`` after ``..._run9``.
+
+    >>> sorted([Path("a_run10.json"), Path("a_run9.json")], key=_run_number)[0].name
+    'a_run9.json'
+    """
+    digits = re.search(r"(\d+)$", path.stem)
+    return (int(digits.group(1)) if digits else -1, path.stem)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", nargs="*", help="minilm_step JSONs (default: "
@@ -103,7 +114,8 @@ def main() -> None:
     parser.add_argument("--scaling", default=str(FIGURES / "scaling.json"))
     parser.add_argument("--gpu", default=str(FIGURES / "gpu_bench.json"))
     args = parser.parse_args()
-    peers = args.peers or [str(p) for p in sorted(FIGURES.glob("peers_minilm*.json"))]
+    peers = args.peers or [str(p) for p in sorted(FIGURES.glob("peers_minilm*.json"),
+                                                  key=_run_number)]
     if peers:
         runs = {Path(p).stem: json.loads(Path(p).read_text()) for p in peers}
         print("<!-- generated from " + ", ".join(Path(p).name for p in peers)
