@@ -178,3 +178,27 @@ def test_gpu_script_tiny_run_on_cpu(tmp_path):
         assert llama[mode]["median_ms"] > 0 and np.isfinite(llama[mode]["losses"]).all()
         assert llama[mode]["model_tflops"] > 0
     assert 0 < llama["qlora"]["frozen_mib"] < llama["lora"]["frozen_mib"]
+
+
+def test_profile_categories_read_the_compiled_step_of_a_real_model():
+    from benchmarks.peers import profile_step
+
+    model, params, batch = _mlp_problem()
+    step = ls.make_step(model, params, batch, default_forward, "classification", mode="lora",
+                        spec=lr.LoraSpec(rank=8, targets=r"hidden/kernel"))
+    hlo = step.compiled.as_text()
+    names = [line.split(" = ")[0].strip().removeprefix("ROOT ").lstrip("%")
+             for line in hlo[hlo.index("\nENTRY"):].splitlines() if " = " in line]
+    found = profile_step.categorize({n: 1.0 for n in names}, hlo)
+    # The forward and input gradient of both Dense layers, and the adapter's rank-8 products.
+    assert found["matmuls"] >= 2 and found["rank-8 matmuls (LoRA)"] >= 2
+    assert sum(found.values()) == len(names)  # every top-level op lands in one category
+    assert profile_step.categorize({"not-an-op": 5.0}, hlo) == {}
+
+
+def test_report_orders_runs_by_number():
+    from benchmarks.peers.report import _run_number
+
+    files = [Path(f"peers_minilm_run{i}.json") for i in (10, 2, 1, 9)]
+    assert [p.stem[-2:].lstrip("n") for p in sorted(files, key=_run_number)] == ["1", "2", "9",
+                                                                                  "10"]
