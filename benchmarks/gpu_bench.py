@@ -62,19 +62,6 @@ def peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in device.device_kind), None)
 
 
-def matmul_rate(n: int, reps: int) -> float:
-    """Measured FLOP/s of an ``n x n x n`` bf16 matmul on random data (median of ``reps``)."""
-    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (0, 1))
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / float(np.median(times))
-
-
 def alternate(steps: dict[str, ls.Step], rounds: int, reps: int) -> dict[str, list[float]]:
     """Round medians of each step, the steps taking turns in a rotating order."""
     names = list(steps)
@@ -222,7 +209,8 @@ def main() -> None:
     }}
     start = time.perf_counter()
     if device.platform == "gpu" and not args.tiny:
-        results["meta"]["measured_bf16_matmul_tflops"] = matmul_rate(8192, 10) / 1e12
+        results["meta"]["measured_bf16_matmul_tflops"] = (
+            ls.matmul_rate(8192, 8192, 8192, jnp.bfloat16, reps=10) / 1e12)
     print(json.dumps(results["meta"]), flush=True)
 
     def save():

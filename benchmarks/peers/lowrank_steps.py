@@ -187,6 +187,24 @@ def time_steps(step: Step, n: int) -> list[float]:
     return times
 
 
+def matmul_rate(m: int, k: int, n: int, dtype: Any = jnp.float32, reps: int = 20) -> float:
+    """Measured FLOP/s of one jitted ``[m, k] @ [k, n]`` on random data (median of ``reps``).
+
+    >>> matmul_rate(64, 64, 64, reps=3) > 0
+    True
+    """
+    a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+    b = jax.random.normal(jax.random.key(1), (k, n), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / float(np.median(times))
+
+
 def matmul_params(params: Mapping) -> int:
     """Parameters that multiply activations in a matmul: every ``kernel`` leaf (Dense, an
     untied LM head); embedding tables are looked up, not multiplied, and norms and biases are

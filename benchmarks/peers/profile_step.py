@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.peers import minilm_step
+from benchmarks.peers import lowrank_steps, minilm_step
 
 
 def category(body: str) -> str:
@@ -104,22 +104,6 @@ def trace_ops(run, steps: int) -> dict[str, float]:
     return dict(total)
 
 
-def matmul_rate(m: int, k: int, n: int, reps: int = 20) -> float:
-    """GFLOP/s of one jitted float32 ``[m, k] @ [k, n]`` (median of ``reps``)."""
-    import jax
-
-    a = jax.random.normal(jax.random.key(0), (m, k))
-    b = jax.random.normal(jax.random.key(1), (k, n))
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * m * k * n / float(np.median(times)) / 1e9
-
-
 def profile_ours(config: str, inputs: dict, steps: int) -> dict:
     from lowrank import assets
 
@@ -135,7 +119,7 @@ def profile_ours(config: str, inputs: dict, steps: int) -> dict:
     by_category = categorize(ops, step.compiled.as_text())
     flops = float(step.compiled.cost_analysis().get("flops", 0.0))
     tokens = minilm_step.BATCH * minilm_step.SEQ
-    rate = matmul_rate(tokens, 384, 1536)
+    rate = lowrank_steps.matmul_rate(tokens, 384, 1536) / 1e9
     return {"config": config, "step_ms": 1e3 * float(np.median(times)),
             "op_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
             "xla_flops": flops, "matmul_gflops_per_s": rate,
