@@ -146,6 +146,38 @@ def quant_table(frame: pd.DataFrame, experiment: str = "quant_ablation") -> Tabl
     return Table(header, rows, caption)
 
 
+def lm_table(frame: pd.DataFrame, experiment: str = "lm_domain") -> Table:
+    """Base data type x (bits per quantized parameter, weight RMSE, held-out perplexity and
+    final training loss, mean ± std over seeds) of the language-model domain adaptation.
+
+    >>> lm_table(pd.DataFrame()).rows
+    []
+    """
+    runs = _experiment(frame, experiment)
+    header = ["base data type", "bits / param", "weight RMSE", "English perplexity",
+              "final train loss"]
+    if runs.empty:
+        return Table(header, [], "")
+    names = runs.apply(data_type, axis=1)
+    rows = []
+    for name in [d for d in DATA_TYPES if d in set(names)]:
+        sel = runs[names == name]
+        bits = sel["metric.quant_bits_per_param"].astype(float).mean()
+        rmse = sel["metric.weight_rmse"].astype(float).mean()
+        rows.append([name, "32" if name == "float32" or math.isnan(bits) else f"{bits:.3f}",
+                     f"{rmse:.2e}" if rmse else "0",
+                     mean_std(sel["metric.perplexity"].tolist(), scale=1.0, digits=2),
+                     mean_std(sel["metric.train_loss"].tolist(), scale=1.0, digits=3)])
+    first = runs.iloc[0]
+    seeds = sorted(int(s) for s in runs["seed"].unique())
+    caption = (f"A {int(first['config.model.num_layers'])}-layer Llama-style byte-level model "
+               f"(hidden {int(first['config.model.hidden_size'])}) pretrained on Python, "
+               f"adapted to English prose by LoRA (r={int(first['config.lora.rank'])}, every "
+               f"linear layer, {int(first['config.steps'])} steps) over its base stored in each "
+               f"data type: perplexity on held-out English, mean ± std over seeds {seeds}.")
+    return Table(header, rows, caption)
+
+
 def method_name(row: pd.Series) -> str:
     """A run's method in words: "full fine-tuning", "LoRA r=8 (W_q, W_v)", "LoRA r=8 (all
     linear) over nf4+dq"."""
@@ -157,14 +189,19 @@ def method_name(row: pd.Series) -> str:
     return name if dtype == "float32" else f"{name} over {dtype}"
 
 
-def method_table(frame: pd.DataFrame, ranks: Sequence[int] = (8,)) -> Table:
-    """Method x (trainable parameters, seconds per step, peak memory): every baseline, LoRA
-    at ``ranks`` on each target set, and each quantized base (means over seeds).
+def method_table(frame: pd.DataFrame, ranks: Sequence[int] = (8,),
+                 experiments: Sequence[str] = ("rank_ablation", "quant_ablation")) -> Table:
+    """Method x (trainable parameters, seconds per step, peak memory) on MiniLM: every
+    baseline, LoRA at ``ranks`` on each target set, and each quantized base (means over seeds)
+    of ``experiments`` (other models' runs would mix into the same method names).
 
     >>> method_table(pd.DataFrame()).rows
     []
     """
     header = ["method", "trainable params", "s / step", "peak memory (MB)"]
+    if frame.empty or "experiment" not in frame:
+        return Table(header, [], "")
+    frame = frame[frame["experiment"].isin(list(experiments))]
     if frame.empty:
         return Table(header, [], "")
     keep = (frame["config.method"] != "lora") | frame["config.lora.rank"].isin(list(ranks))
@@ -392,9 +429,9 @@ def adapter_table(frame: pd.DataFrame, runs_dir: str | Path, base: dict,
 
 
 def report(frame: pd.DataFrame) -> list[tuple[str, Table]]:
-    """The three tables of ``frame``, each with a LaTeX label; empty ones left out."""
+    """The tables of ``frame``, each with a LaTeX label; empty ones left out."""
     tables = [("tab:rank", rank_table(frame)), ("tab:quant", quant_table(frame)),
-              ("tab:method", method_table(frame))]
+              ("tab:method", method_table(frame)), ("tab:lm", lm_table(frame))]
     return [(label, t) for label, t in tables if t.rows]
 
 

@@ -198,6 +198,25 @@ def test_quant_and_method_tables_equal_hand_computed_values():
     assert rows[-1][0] == "LoRA r=8 (all linear) over nf4+dq"
 
 
+def test_lm_table_equals_hand_computed_values():
+    db = results.ResultsDB(":memory:")
+    model = {"num_layers": 4, "hidden_size": 128}
+    for fmt, bits, rmse, ppls in [("none", float("nan"), 0.0, (10.0, 10.5)),
+                                  ("nf4", 4.5, 0.003, (10.2, 10.4))]:
+        for seed, ppl in enumerate(ppls):
+            cfg = {"model": model, "lora": {"rank": 8}, "steps": 100, "seed": seed,
+                   "quant": {"fmt": fmt, "double_quant": False}}
+            db.write(cfg, {"perplexity": ppl, "train_loss": 2.0 + seed,
+                           "quant_bits_per_param": bits, "weight_rmse": rmse},
+                     experiment="lm_domain")
+    table = report.lm_table(db.frame("ok"))
+    # float32: mean 10.25, sample std |10.5 - 10.0| / sqrt(2) = 0.354; losses 2.0, 3.0
+    assert table.rows == [["float32", "32", "0", "10.25 ± 0.35", "2.500 ± 0.707"],
+                          ["nf4", "4.500", "3.00e-03", "10.30 ± 0.14", "2.500 ± 0.707"]]
+    assert "4-layer" in table.caption and "r=8" in table.caption
+    assert report.lm_table(_synthetic_frame()).rows == []  # other experiments: no rows
+
+
 def test_markdown_and_latex_rendering():
     table = report.Table(["a", "b"], [["W_q", "1.0 ± 0.5"]], "Acc. in %")
     assert report.to_markdown(table).splitlines() == [

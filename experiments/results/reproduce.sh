@@ -13,4 +13,5 @@ for seeds in 1 2; do
   $PY experiments/sweep.py --config=configs/quant_ablation.py --seeds=$seeds --db=$DB \
     --workdir=$RUNS
 done
+$PY experiments/sweep.py --config=configs/lm_domain.py --seeds=2 --db=$DB --workdir=$RUNS
 $PY experiments/report.py --db=$DB --runs=$RUNS --out=experiments/results
