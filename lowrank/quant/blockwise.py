@@ -94,7 +94,10 @@ def _scale_to_unit(x: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]
 def _round_to_codes(scaled: jax.Array, fmt: Format) -> jax.Array:
     """Codes of the nearest codebook values; a value on a midpoint goes to the lower one."""
     # searchsorted(side="left") is torch.bucketize(right=False): count of bounds < value.
-    rank = jnp.searchsorted(jnp.asarray(fmt.midpoints), scaled, side="left")
+    # "compare_all" (15 vectorised compares) is ~20x faster on CPU than the default binary
+    # "scan" (45M values: 0.06 s vs 1.3 s), with the same result.
+    rank = jnp.searchsorted(jnp.asarray(fmt.midpoints), scaled, side="left",
+                            method="compare_all")
     return jnp.asarray(fmt.sort_order)[rank].astype(jnp.uint8)
 
 
