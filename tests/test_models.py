@@ -164,7 +164,7 @@ def test_bfloat16_params_are_stored_and_read_as_bfloat16(tmp_path):
 def test_new_classifier_head_on_a_base_checkpoint(caplog):
     with pytest.raises(ValueError, match=r"new head \['classifier/bias', 'classifier/kernel'\]"):
         models.from_pretrained(FIXTURES / "tiny_bert", num_labels=5, pooling="mean")
-    with caplog.at_level(logging.INFO, logger="lowrank.models.hf"):
+    with caplog.at_level(logging.INFO, logger="lowrank.models"):
         model, params = models.from_pretrained(FIXTURES / "tiny_bert", num_labels=5,
                                                pooling="mean", key=jax.random.key(0))
     assert "pooler.dense.weight" in caplog.text  # mean pooling leaves the pooler unused

@@ -33,7 +33,7 @@ import safetensors.flax
 
 from lowrank import paths, quant
 from lowrank.interop import naming
-from lowrank.models import hf
+from lowrank.models import hf, loading
 from lowrank.quant.blockwise import NESTED_BLOCK_SIZE
 from lowrank.quant.formats import dynamic_map, get_format
 
@@ -160,51 +160,53 @@ def _quantization_config(directory: Path, config: Mapping) -> dict:
 
 def load(
     directory: str | Path, *, scan_layers: bool = False, remat: bool = False,
-    dtype: Any = jnp.float32,
+    dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, device: Any = None,
 ) -> tuple[nn.Module, dict]:
     """``(model, frozen)`` from a transformers-saved bitsandbytes 4-bit directory.
 
     Each 4-bit Linear weight becomes a ``QuantizedArray`` with the checkpoint's own codes and
     scales (compute dtype: the config's ``bnb_4bit_compute_dtype``); other weights are read as
-    :func:`lowrank.models.from_pretrained` reads them. ``frozen`` runs with
-    :func:`lowrank.apply` (add adapters for QLoRA) or, after ``lowrank.merge``, plainly.
+    :func:`lowrank.models.from_pretrained` reads them. The tree is built from abstract shapes
+    and filled one tensor at a time (scanned stacks in place), so nothing but the result and
+    one tensor is ever held. ``frozen`` runs with :func:`lowrank.apply` (add adapters for
+    QLoRA) or, after ``lowrank.merge``, plainly.
 
     Args:
       directory: config.json with a bitsandbytes ``quantization_config``, and safetensors.
       scan_layers, remat: as for :func:`lowrank.models.from_pretrained` (4-bit weights of a
         scanned stack get one leading layer axis).
       dtype: the model's compute dtype.
+      param_dtype: dtype of the float leaves (embeddings, norms, unquantized kernels).
+      device: where the params live (default: JAX's default device).
 
     >>> model, frozen = load("llama-nf4/")  # doctest: +SKIP
     >>> logits = lowrank.apply(model, frozen, {}, input_ids)  # doctest: +SKIP
     """
     directory = Path(directory)
-    model = hf.build_model(directory, scan_layers=scan_layers, remat=remat, dtype=dtype)
+    model = hf.build_model(directory, scan_layers=scan_layers, remat=remat, dtype=dtype,
+                           param_dtype=param_dtype)
     qc = _quantization_config(directory, hf.read_config(directory))
     compute = qc.get("bnb_4bit_compute_dtype") or None
-    index = naming.tensor_index(model, hf.abstract_params(model))
-    per_path: dict[str, dict[int | None, Any]] = {}
     with hf.Checkpoint(directory) as ckpt:
-        keys = set(ckpt.keys())
-        tensors = _LazyTensors(ckpt, keys)
-        missing = sorted(k for k in index if k not in keys)
-        if missing:
-            raise ValueError(f"{directory} lacks {len(missing)} weight(s) the model needs: "
-                             + ", ".join(missing[:10]))
-        for key, slot in index.items():
-            if quant_state_key(key, keys):
-                value = from_bnb(tensors, key, compute)
-            else:
-                value = hf.from_hf_tensor(slot.path, ckpt.get(key)).astype(model.param_dtype)
-            per_path.setdefault(slot.path, {})[slot.layer] = value
-    flat = {}
-    for path, parts in per_path.items():
-        if None in parts:
-            flat[path] = parts[None]
-        else:
-            flat[path] = jax.tree.map(lambda *xs: jnp.stack(xs), *[parts[i] for i in
-                                                                  range(len(parts))])
-    return model, paths.unflatten(flat)
+        reader = loading.CheckpointReader(model, ckpt)
+        reader.check_complete(hf.abstract_params(model), directory)
+        tensors = _LazyTensors(ckpt, reader.available)
+
+        def read(path: str, leaf: jax.ShapeDtypeStruct, layer: int | None) -> Any:
+            key = reader.key(path, layer)
+            if key is None or not quant_state_key(key, reader.available):
+                tensor = reader.tensor(path, leaf.shape, layer)
+                return None if tensor is None else loading.float_leaf(
+                    path, tensor, param_dtype, device)
+            q = from_bnb(tensors, key, compute)
+            if q.shape != tuple(leaf.shape):
+                raise ValueError(f"4-bit weight {key!r} in {ckpt.file(key)} is [out, in] = "
+                                 f"{list(q.shape[::-1])}; parameter {path!r} needs "
+                                 f"{tuple(leaf.shape)} (check config.json against the weights)")
+            return jax.device_put(q, device)
+
+        leaves, _ = loading.stream_leaves(model, read)  # nothing missing: checked
+    return model, paths.unflatten(leaves)
 
 
 class _LazyTensors(Mapping):
