@@ -8,10 +8,10 @@ optionally quantizing on load (:mod:`.loading`); this module writes directories 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -53,7 +53,7 @@ def hf_tensors(model: nn.Module, params: Mapping) -> Iterator[tuple[str, jax.Arr
     (8, 4)
     """
     flat = paths.flatten(params)
-    for name, (path, layer) in _hf_slots(model, params):
+    for name, (path, layer, _) in hf_layout(model, params).items():
         yield name, to_hf_tensor(path, flat[path] if layer is None else flat[path][layer])
 
 
@@ -79,48 +79,72 @@ def save_pretrained(
     >>> save_pretrained("/tmp/tiny", model, params)  # doctest: +SKIP
     PosixPath('/tmp/tiny')
     """
-    arch = architecture_of(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = arch.to_config(model)
-    # transformers 4 reads torch_dtype, 5 reads dtype.
-    config["torch_dtype"] = config["dtype"] = jnp.dtype(model.param_dtype).name
-    config.update(extra_config or {})
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    slots = dict(_hf_slots(model, params))
+    write_config(directory, model, extra_config)
+    slots = hf_layout(model, params)
     flat = paths.flatten(params)
 
     def produce(name: str) -> np.ndarray:
-        path, layer = slots[name]
+        path, layer, _ = slots[name]
         leaf = flat[path] if layer is None else flat[path][layer]
         return np.asarray(to_hf_tensor(path, leaf))
 
-    layout = {name: _hf_shape(path, flat[path], layer) for name, (path, layer) in slots.items()}
     # transformers refuses safetensors files without the "format" metadata.
-    write_checkpoint(directory, layout, produce, max_shard_bytes=max_shard_bytes,
-                     metadata={"format": "pt"})
+    write_checkpoint(directory, {k: v[2] for k, v in slots.items()}, produce,
+                     max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
     return directory
 
 
-def _hf_slots(model: nn.Module, params: Mapping) -> Iterator[tuple[str, tuple[str, int | None]]]:
+def write_config(directory: str | Path, model: nn.Module,
+                 extra_config: Mapping | None = None) -> Path:
+    """Writes the ``config.json`` of ``model`` into ``directory`` (created if missing).
+
+    >>> from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
+    >>> import tempfile
+    >>> f = write_config(tempfile.mkdtemp(), LlamaForCausalLM(LlamaConfig()))
+    >>> read_config(f.parent)["num_hidden_layers"]
+    32
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = architecture_of(model).to_config(model)
+    # transformers 4 reads torch_dtype, 5 reads dtype.
+    config["torch_dtype"] = config["dtype"] = jnp.dtype(model.param_dtype).name
+    config.update(extra_config or {})
+    file = directory / "config.json"
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return file
+
+
+def hf_layout(model: nn.Module, params: Mapping
+              ) -> dict[str, tuple[str, int | None, jax.ShapeDtypeStruct]]:
+    """``{hf_key: (path, layer, shape and dtype in HF layout)}`` of every tensor of ``params``.
+
+    ``params`` may hold arrays or ``jax.ShapeDtypeStruct``s (only shapes are read); ``layer``
+    is the slice of a scanned stack, None elsewhere.
+
+    >>> from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8,
+    ...                                  num_hidden_layers=1, num_attention_heads=2))
+    >>> hf_layout(m, abstract_params(m))["lm_head.weight"][2].shape
+    (8, 4)
+    """
     arch = architecture_of(model)
+    out = {}
     for path, leaf in paths.flatten(params).items():
-        if is_stacked(path, arch.layer_list):
-            for i in range(leaf.shape[0]):
-                yield hf_key(path, arch.layer_list, i), (path, i)
-        else:
-            yield hf_key(path, arch.layer_list), (path, None)
-
-
-def _hf_shape(path: str, leaf: Any, layer: int | None) -> jax.ShapeDtypeStruct:
-    shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
-    return jax.ShapeDtypeStruct(to_hf_tensor(path, np.empty(shape, bool)).shape, leaf.dtype)
+        layers = range(leaf.shape[0]) if is_stacked(path, arch.layer_list) else [None]
+        for i in layers:
+            shape = jax.ShapeDtypeStruct(leaf.shape[1:] if i is not None else leaf.shape,
+                                         leaf.dtype)
+            hf = jax.eval_shape(functools.partial(to_hf_tensor, path), shape)
+            out[hf_key(path, arch.layer_list, i)] = (path, i, hf)
+    return out
 
 
 __all__ = [
     "ARCHITECTURES", "INDEX_FILE", "SINGLE_FILE", "Architecture", "Checkpoint",
     "abstract_params", "architecture_of", "bert_config_from_hf", "build_model",
-    "from_hf_tensor", "from_pretrained", "hf_key", "hf_tensors", "is_stacked",
+    "from_hf_tensor", "from_pretrained", "hf_key", "hf_layout", "hf_tensors", "is_stacked",
     "llama_config_from_hf", "load_params", "read_config", "save_pretrained", "to_hf_tensor",
+    "write_config",
 ]

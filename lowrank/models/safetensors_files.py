@@ -98,11 +98,13 @@ class Checkpoint:
             single = directory / SINGLE_FILE
             self._file_of = {k: single for k in self._header(single)}
 
-    def _header(self, file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    def _header(self, file: Path, key: str | None = None
+                ) -> dict[str, tuple[str, tuple[int, ...]]]:
         """``{name: (dtype, shape)}`` of one file, read once (the library validates it)."""
         if file not in self._headers:
+            wanted = "" if key is None else f" (reading tensor {key!r})"
             if not file.is_file():
-                raise FileNotFoundError(f"checkpoint shard {file} is missing")
+                raise FileNotFoundError(f"checkpoint shard {file} is missing{wanted}")
             try:
                 with safetensors.safe_open(str(file), framework="numpy") as f:
                     self._headers[file] = {
@@ -111,14 +113,14 @@ class Checkpoint:
                     }
             except safetensors.SafetensorError as e:
                 raise ValueError(f"{file} is not a readable safetensors file (damaged or "
-                                 f"truncated?): {e}") from None
+                                 f"truncated?){wanted}: {e}") from None
         return self._headers[file]
 
     def _entry(self, key: str) -> tuple[str, tuple[int, ...]]:
         if key not in self._file_of:
             raise KeyError(f"{self.directory} has no tensor {key!r}")
         file = self._file_of[key]
-        header = self._header(file)
+        header = self._header(file, key)
         if key not in header:
             raise ValueError(f"{file} lacks tensor {key!r}, which {INDEX_FILE} places there")
         return header[key]

@@ -184,7 +184,16 @@ def _quantize_leaves(x, fmt, block_size, double_quant, perm, stack_axes):
     codes, absmax = blockwise.quantize_blocks(flat, get_format(fmt), block_size)
     scale = offset = None
     if double_quant:
-        absmax, scale, offset = blockwise.double_quantize(absmax)
+        lead = absmax.shape[:-1]
+        if lead:
+            # One slice at a time: batched, XLA computes the mean's division differently and
+            # some slices' offsets came out 1 ulp off the per-slice (bitsandbytes) value.
+            flat_absmax = absmax.reshape(-1, absmax.shape[-1])
+            absmax, scale, offset = jax.lax.map(blockwise.double_quantize, flat_absmax)
+            absmax, scale = absmax.reshape(*lead, -1), scale.reshape(*lead, -1)
+            offset = offset.reshape(lead)
+        else:
+            absmax, scale, offset = blockwise.double_quantize(absmax)
     return codes, absmax, scale, offset
 
 
@@ -221,3 +230,20 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
         values = jnp.transpose(flat.reshape(*lead, *stored_shape),
                                tuple(range(len(lead))) + tuple(len(lead) + i for i in inverse))
     return values.astype(dtype if dtype is not None else q.compute_dtype)
+
+
+def quantize_leaves(x: jax.Array, fmt: str = "nf4", block_size: int = 64,
+                    double_quant: bool = False) -> tuple[jax.Array, ...]:
+    """The array leaves of ``quantize(x, fmt, block_size, double_quant)``, traceable.
+
+    ``(codes, absmax, absmax_scale, absmax_offset)`` (the last two None without double
+    quantization), for code that quantizes inside its own ``jax.jit`` (a loader fusing the
+    conversion of a tensor with its quantization) and builds the ``QuantizedArray`` after.
+    No argument checks: ``quantize`` is the checked entry point.
+
+    Example:
+      >>> codes, absmax, scale, offset = jax.jit(quantize_leaves)(jnp.ones(128))
+      >>> codes.shape, absmax.shape, scale is None
+      ((64,), (2,), True)
+    """
+    return _quantize_leaves(x, fmt, int(block_size), bool(double_quant), None, 0)

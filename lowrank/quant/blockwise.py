@@ -93,12 +93,14 @@ def _scale_to_unit(x: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]
 
 def _round_to_codes(scaled: jax.Array, fmt: Format) -> jax.Array:
     """Codes of the nearest codebook values; a value on a midpoint goes to the lower one."""
-    # searchsorted(side="left") is torch.bucketize(right=False): count of bounds < value.
-    # "compare_all" (15 vectorised compares) is ~20x faster on CPU than the default binary
-    # "scan" (45M values: 0.06 s vs 1.3 s), with the same result.
-    rank = jnp.searchsorted(jnp.asarray(fmt.midpoints), scaled, side="left",
-                            method="compare_all")
-    return jnp.asarray(fmt.sort_order)[rank].astype(jnp.uint8)
+    # The count of midpoints below the value is torch.bucketize(right=False). Written as a
+    # sum of compares (not searchsorted), it is one elementwise loop XLA fuses with the
+    # scaling before it and the packing after it: no float32 copy of the input is made, and
+    # it is ~20x faster on CPU than searchsorted's default binary search.
+    rank = jnp.zeros(scaled.shape, jnp.uint8)
+    for bound in fmt.midpoints:
+        rank = rank + (scaled > bound).astype(jnp.uint8)
+    return jnp.asarray(fmt.sort_order, jnp.uint8)[rank]
 
 
 def pack_nibbles(codes: jax.Array) -> jax.Array:
@@ -135,6 +137,8 @@ def quantize_blocks(x: jax.Array, fmt: Format, block_size: int) -> tuple[jax.Arr
       >>> codes.shape, absmax.tolist()
       ((64,), [1.0, 1.0])
     """
+    if fmt.bits == 4 and block_size % 2 == 0 and x.shape[-1] % block_size == 0:
+        return _quantize_4bit_full_blocks(x, fmt, block_size)
     scaled, absmax = _scale_to_unit(x.astype(jnp.float32), block_size)
     if fmt.bits == 4:
         if scaled.shape[-1] % 2:
@@ -142,6 +146,32 @@ def quantize_blocks(x: jax.Array, fmt: Format, block_size: int) -> tuple[jax.Arr
             scaled = jnp.pad(scaled, [(0, 0)] * (scaled.ndim - 1) + [(0, 1)])
         return pack_nibbles(_round_to_codes(scaled, fmt)), absmax
     return _round_to_codes(scaled, fmt), absmax
+
+
+def _quantize_4bit_full_blocks(x: jax.Array, fmt: Format, block_size: int
+                               ) -> tuple[jax.Array, jax.Array]:
+    """`quantize_blocks` of whole blocks of even size, the high and low nibbles apart.
+
+    Scaling, rounding and packing each nibble straight from `x` lets XLA run them as one
+    elementwise loop: the temporaries are the absmax vector, not the 2-3 float32 copies of
+    `x` that scaling all values first and packing after costs (measured on an 8192 x 1024
+    kernel: 64 MiB of XLA temporaries before, ~0 after).
+    """
+    lead = x.shape[:-1]
+    # Each use converts to float32 on its own (exact from bfloat16 / float16), so that no
+    # float32 copy of a half-precision input is shared, and hence kept, between them.
+    blocks = x.reshape(*lead, -1, block_size // 2, 2)
+    absmax = jnp.max(jnp.abs(blocks), axis=(-2, -1)).astype(jnp.float32)
+    inverse = (1.0 / jnp.maximum(absmax, _TINY_ABSMAX))[..., None]
+    nonzero = (absmax > 0)[..., None]
+
+    def code(values):
+        scaled = values.astype(jnp.float32) * inverse
+        scaled = jnp.clip(jnp.where(nonzero, scaled, 0.0), -1.0, 1.0)
+        return _round_to_codes(scaled, fmt)
+
+    packed = (code(blocks[..., 0]) << 4) | code(blocks[..., 1])
+    return packed.reshape(*lead, -1), absmax
 
 
 def dequantize_blocks(codes: jax.Array, absmax: jax.Array, fmt: Format, block_size: int,

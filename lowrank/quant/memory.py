@@ -21,11 +21,15 @@ class MemoryReport:
       bytes: bytes of every array leaf (for a QuantizedArray: codes and scales).
       params: parameter count (for a QuantizedArray: its logical element count).
       groups: `{group: MemoryReport}` when asked for by `memory_report(group_depth=...)`.
+      quantized: the same for the QuantizedArray leaves alone (None when there are none), so
+        a frozen base's bits per parameter can be said apart: over all leaves (embeddings,
+        norms and heads in float included) and over the quantized kernels.
     """
 
     bytes: int
     params: int
     groups: dict[str, MemoryReport] | None = None
+    quantized: MemoryReport | None = None
 
     @property
     def bits_per_param(self) -> float:
@@ -33,8 +37,13 @@ class MemoryReport:
         return 8.0 * self.bytes / self.params if self.params else float("nan")
 
     def __str__(self) -> str:
-        return (f"{self.params:,} params, {self.bytes:,} bytes, "
+        text = (f"{self.params:,} params, {self.bytes:,} bytes, "
                 f"{self.bits_per_param:.3f} bits/param")
+        q = self.quantized
+        if q is not None and q.params != self.params:
+            text += (f" (quantized leaves: {q.params:,} params, {q.bytes:,} bytes, "
+                     f"{q.bits_per_param:.3f} bits/param)")
+        return text
 
 
 def _leaf_size(leaf: Any) -> tuple[int, int]:
@@ -65,20 +74,26 @@ def memory_report(tree: Any, group_depth: int = 0) -> MemoryReport:
       >>> report = memory_report({"w": quantize(jnp.ones((64, 64))), "b": jnp.zeros(64)})
       >>> report.params, report.bytes
       (4160, 2560)
+      >>> round(report.bits_per_param, 3), report.quantized.bits_per_param
+      (4.923, 4.5)
     """
     if not isinstance(group_depth, int) or group_depth < 0:
         raise ValueError(f"group_depth must be an int >= 0, got {group_depth!r}")
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
-    total_bytes = total_params = 0
+    total_bytes = total_params = quant_bytes = quant_params = 0
     groups: dict[str, list[int]] = {}
     for key_path, leaf in leaves:
         nbytes, params = _leaf_size(leaf)
         total_bytes += nbytes
         total_params += params
+        if is_quantized(leaf):
+            quant_bytes += nbytes
+            quant_params += params
         if group_depth:
             group = paths.SEP.join(paths.key_name(k) for k in key_path[:group_depth])
             acc = groups.setdefault(group, [0, 0])
             acc[0] += nbytes
             acc[1] += params
     by_group = {g: MemoryReport(b, p) for g, (b, p) in groups.items()} if group_depth else None
-    return MemoryReport(total_bytes, total_params, by_group)
+    quantized = MemoryReport(quant_bytes, quant_params) if quant_params else None
+    return MemoryReport(total_bytes, total_params, by_group, quantized)
