@@ -124,9 +124,12 @@ def _page(name: str, members: list[tuple[str, object, str]], submodules: list[st
             lines += [f"   * - :py:obj:`~{where}.{attr}`", f"     - {summary(value)}".rstrip()]
         lines += [""]
     for attr, value, where in members:
-        if where != name:
-            continue
         directive = _directive(value)
+        if where != name:  # a short entry, so that references to this path resolve too
+            kind = {"autoclass": "class", "autoexception": "exception"}.get(directive, "function")
+            lines += [f".. py:{kind}:: {attr}", "",
+                      f"   The same object as :py:obj:`{where}.{attr}`.", ""]
+            continue
         if directive == "autodata":  # autodata would show the type's docstring (a dict's)
             lines += [f".. py:data:: {attr}", f"   :type: {type(value).__name__}"]
             if isinstance(value, int | float | str | tuple) and len(repr(value)) < 80:

@@ -22,6 +22,7 @@ copyright = "2026, the lowrank authors"
 
 extensions = [
     "myst_nb",
+    "sphinx_design",
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
@@ -60,8 +61,6 @@ html_theme = "sphinx_book_theme"
 html_title = "lowrank"
 html_static_path = ["_static"]
 html_theme_options = {
-    "repository_url": "https://github.com/lowrank/lowrank",
-    "use_repository_button": False,
     "show_toc_level": 2,
     "navigation_with_keys": False,
 }
