@@ -88,8 +88,10 @@ def summary(value: object) -> str:
     """The first paragraph of a class's or function's docstring, on one line ("" for data,
     whose ``__doc__`` is its type's).
 
-    >>> summary(summary)
-    "The first paragraph of a class's or function's docstring, on one line ("" for data, whose ``__doc__`` is its type's)."
+    >>> summary(summary)[:50]
+    "The first paragraph of a class's or function's doc"
+    >>> summary(3)
+    ''
     """
     if not (inspect.isclass(value) or callable(value)):
         return ""
