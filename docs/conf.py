@@ -39,6 +39,8 @@ napoleon_use_ivar = True  # "Attributes:" as fields, not a second description of
 napoleon_custom_sections = [("Fields", "params_style"), ("Array leaves", "params_style"),
                             ("Static metadata", "params_style")]
 
+# The docstrings write `x` for code, as Markdown does (in reStructuredText it would be italic).
+default_role = "code"
 autodoc_typehints = "signature"
 autodoc_member_order = "bysource"
 autodoc_preserve_defaults = True
