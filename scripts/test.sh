@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Sets up .venv and runs the lint and the test suite (the fast tier; `-m slow` adds the thorough one).
+# Sets up .venv and runs the lint, the test suite with the docstring examples (the fast tier;
+# `-m slow` adds the thorough one), then builds the documentation with warnings as errors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -n 2 -q "$@"
+bash scripts/docs.sh docs docs/_build/html -E  # -E: re-read (and re-run) every page

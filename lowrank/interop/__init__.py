@@ -1,6 +1,6 @@
 """Interoperability with the torch ecosystem, read and written without torch: PEFT LoRA
 adapters (:mod:`~lowrank.interop.peft`), merged Hugging Face exports
-(:func:`~lowrank.interop.hf_export.save_merged`) and bitsandbytes 4-bit checkpoints
+(:func:`~lowrank.interop.save_merged`) and bitsandbytes 4-bit checkpoints
 (:mod:`~lowrank.interop.bnb`). The converter command is ``python -m lowrank.interop.convert``.
 
 >>> from lowrank.interop import bnb, peft, save_merged

@@ -1,6 +1,6 @@
 """Hugging Face tensor names of a model's parameters, and the modules that hold them.
 
-A thin index over :func:`lowrank.models.hf.hf_key` (the one place that maps our paths to
+A thin index over :func:`lowrank.models.hf_key` (the one place that maps our paths to
 Hugging Face names): it lists every tensor name once, with the parameter path and, for a
 scanned stack, the layer slice it comes from. PEFT files name modules and tensors this way.
 """

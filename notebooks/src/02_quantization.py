@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import treescope
 from IPython.display import display
+from matplotlib.ticker import NullLocator
 
 import lowrank as lr
 from lowrank import assets, models, paths
@@ -141,10 +142,14 @@ fig, ax = plt.subplots(figsize=(5, 3))
 for double_quant, group in bits.groupby("double quant"):
     ax.plot(group["block size"], group["bits / param (measured)"], marker="o",
             label="double quantization" if double_quant else "float32 absmax")
-ax.set(xscale="log", xlabel="block size", ylabel="bits / quantized parameter",
-       title="NF4 storage cost")
-ax.set_xticks([32, 64, 128, 256], ["32", "64", "128", "256"])
+ax.set_xscale("log", base=2)
+ax.set(xlabel="block size", ylabel="bits / quantized parameter", title="NF4 storage cost")
+sizes = bits["block size"].unique()
+ax.set_xticks(sizes, [str(b) for b in sizes])
+ax.xaxis.set_minor_locator(NullLocator())  # a log axis would also label 3x10^1, 6x10^1, ...
 ax.legend()
+fig.canvas.draw()
+assert [t.get_text() for t in ax.get_xticklabels(which="both")] == ["32", "64", "128", "256"]
 plt.show()
 
 # %% [md]
