@@ -234,7 +234,10 @@ def stream_leaves(model: nn.Module, read: ReadSlice
       ``({path: leaf}, [(path, layer) read returned None for])``: a stack is given up at
       its first missing layer.
 
-    >>> leaves, missing = stream_leaves(model, read)  # doctest: +SKIP
+    >>> model = build_model("tests/fixtures/hf/tiny_llama", scan_layers=True)
+    >>> leaves, missing = stream_leaves(model, lambda path, leaf, layer: jnp.ones(leaf.shape))
+    >>> leaves["model/layers/mlp/up_proj/kernel"].shape, missing
+    ((2, 16, 24), [])
     """
     arch = architecture_of(model)
     leaves: dict[str, Any] = {}
@@ -275,8 +278,10 @@ class CheckpointReader:
     Errors name the file and the tensor: a tensor of the wrong shape or a non-float dtype,
     a shard that lacks a tensor its index places there, a damaged file.
 
-    >>> with Checkpoint("tests/fixtures/hf/tiny_llama") as ckpt:  # doctest: +SKIP
-    ...     tensor = CheckpointReader(model, ckpt).tensor("lm_head/kernel", shape)
+    >>> model = build_model("tests/fixtures/hf/tiny_llama")
+    >>> with Checkpoint("tests/fixtures/hf/tiny_llama") as ckpt:
+    ...     CheckpointReader(model, ckpt).tensor("lm_head/kernel", (16, 64)).shape
+    (64, 16)
     """
 
     def __init__(self, model: nn.Module, ckpt: Checkpoint):
@@ -380,8 +385,10 @@ def load_params(
       device: where the params live (default: JAX's default device); each tensor is
         converted and quantized there.
 
-    >>> model = BertModel(bert_config_from_hf(read_config(d)))  # doctest: +SKIP
-    >>> params = load_params(model, d)  # doctest: +SKIP
+    >>> model = build_model("tests/fixtures/hf/tiny_llama", scan_layers=True)
+    >>> frozen = load_params(model, "tests/fixtures/hf/tiny_llama", quant=QuantSpec("nf4"))
+    >>> frozen["model"]["layers"]["mlp"]["up_proj"]["kernel"].lead_shape
+    (2,)
     """
     dtype = jnp.dtype(model.param_dtype)
 
