@@ -182,21 +182,26 @@ def is_stacked(path: str, layer_list: str) -> bool:
     return layer_list in path.split(paths.SEP)[:-1]
 
 
-def _is_kernel(path: str) -> bool:
+def is_kernel(path: str) -> bool:
+    """Whether ``path`` names a kernel (stored transposed, as Linear weights, by Hugging Face).
+
+    >>> is_kernel("model/lm_head/kernel"), is_kernel("model/norm/scale")
+    (True, False)
+    """
     return path.rpartition(paths.SEP)[2] == "kernel"
 
 
 def from_hf_tensor(path: str, tensor: jax.Array) -> jax.Array:
     """A Hugging Face tensor in our layout: Linear weights ``[out, in]`` become kernels."""
-    return tensor.T if _is_kernel(path) else tensor
+    return tensor.T if is_kernel(path) else tensor
 
 
 def to_hf_tensor(path: str, array: jax.Array) -> jax.Array:
     """Our array in Hugging Face's layout (the inverse of :func:`from_hf_tensor`)."""
-    return array.T if _is_kernel(path) else array
+    return array.T if is_kernel(path) else array
 
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "architecture_of", "bert_config_from_hf",
-    "from_hf_tensor", "hf_key", "is_stacked", "llama_config_from_hf", "to_hf_tensor",
+    "from_hf_tensor", "hf_key", "is_kernel", "is_stacked", "llama_config_from_hf", "to_hf_tensor",
 ]
