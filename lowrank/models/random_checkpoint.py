@@ -3,7 +3,7 @@
 For trying the 4-bit path at the scale it exists for without downloading a model: a
 Llama-2-7B-shaped directory (13.5 GB of bfloat16) is written with the memory of its largest
 tensor. The files are what transformers saves (``config.json``, ``model-0000i-of-0000n``
-shards with an index) and load with :func:`lowrank.models.from_pretrained` or transformers.
+shards with an index) and load with :func:`lowrank.models.from_pretrained` or transformers::
 
     python -m lowrank.models.random_checkpoint /tmp/llama-2-7b --preset llama-2-7b
     python -m lowrank.models.random_checkpoint /tmp/small --preset llama-2-7b \\
