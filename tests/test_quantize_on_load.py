@@ -256,3 +256,15 @@ def test_a_non_finite_weight_is_refused_when_quantized_on_load(small_dir):
     with pytest.raises(ValueError, match="up_proj/kernel': 1 of its 8192 values are not finite"):
         models.from_pretrained(small_dir, quant=NF4_DQ)
     models.from_pretrained(small_dir)  # kept as stored when not quantized
+
+
+def test_only_the_loaded_tree_stays_on_the_device(small_dir):
+    # On an accelerator each tensor is converted and quantized where it will live; none of
+    # the float copies may stay alive there.
+    device = jax.devices()[-1]
+    before = {id(a) for a in jax.live_arrays()}
+    _, frozen = models.from_pretrained(small_dir, scan_layers=True, quant=NF4_DQ, device=device)
+    leaves = jax.tree.leaves(frozen)
+    alive = [a for a in jax.live_arrays() if id(a) not in before]
+    assert {id(a) for a in alive} == {id(x) for x in leaves}
+    assert all(x.devices() == {device} for x in leaves)
