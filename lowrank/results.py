@@ -31,7 +31,8 @@ CONFIG_PREFIX, METRIC_PREFIX = "config.", "metric."
 # Fields that say where and how loudly a run happens, not what it computes: never hashed.
 # ``sweep.*`` fields describe the grid a run belongs to, not the run.
 UNHASHED = ("workdir", "quiet", "log.every", "log.tensorboard", "checkpoint.every",
-            "checkpoint.keep", "checkpoint.resume", "export_adapters", "sweep.")
+            "checkpoint.keep", "checkpoint.resume", "checkpoint.fallback", "export_adapters",
+            "sweep.")
 
 _FIXED_COLUMNS = {
     "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
