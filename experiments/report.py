@@ -457,7 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not str(args.db).endswith(".csv") and not Path(args.db).is_file():
         parser.error(f"--db {args.db!r} does not exist")
-    frame = load_runs(args.db)
+    try:
+        frame = load_runs(args.db)
+    except (OSError, ValueError, pd.errors.ParserError, results.ResultsDBError) as e:
+        parser.exit(1, f"report.py: error: {' '.join(str(e).split())}\n")
     tables = report(frame)
     markdown = "\n\n".join(to_markdown(t) for _, t in tables)
     print(markdown if tables else f"no finished runs in {args.db}")

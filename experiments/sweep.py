@@ -177,9 +177,12 @@ def main(argv: list[str]) -> None:
     if FLAGS.config is None:
         raise app.UsageError("--config=configs/x.py[:variant] is required")
     experiment = FLAGS.experiment or common.experiment_name(FLAGS.config)
-    counts = sweep(FLAGS.config, BASE_ARGS, seeds=FLAGS.seeds, db_path=FLAGS.db,
-                   experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run,
-                   batch=FLAGS.batch)
+    try:
+        counts = sweep(FLAGS.config, BASE_ARGS, seeds=FLAGS.seeds, db_path=FLAGS.db,
+                       experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run,
+                       batch=FLAGS.batch)
+    except (OSError, ValueError, KeyError, results.ResultsDBError) as e:  # named bad input
+        sys.exit(f"sweep.py: error: {e}")
     print(f"{experiment}: {counts['done']} run, {counts['skipped']} already done, "
           f"{counts['failed']} failed")
     if counts["failed"]:

@@ -187,9 +187,7 @@ class ResultsDB:
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise
         except sqlite3.DatabaseError as e:
-            raise ResultsDBError(f"results database {self.path}: {e} (move the file aside to "
-                                 "start a new one; its finished runs would then be redone)"
-                                 ) from None
+            raise ResultsDBError(f"cannot use the results database {self.path}: {e}") from None
 
     def close(self) -> None:
         self._conn.close()
