@@ -118,12 +118,14 @@ def _check_float(x: jax.Array) -> None:
 
 
 def check_finite(x: Any, name: str | None = None, *,
-                 why: str = "quantizing them would make whole blocks NaN") -> None:
+                 why: str = "quantized, an inf makes its block NaN and a NaN becomes a "
+                            "number") -> None:
     """Raises ValueError naming `name` (else the shape), how many of `x`'s values are NaN or
     infinite, and the first one's index; a traced `x` (under `jax.jit`) is not checked.
 
-    One NaN or inf makes a whole block's absmax non-finite (with double quantization, the
-    whole tensor's), so every value quantized with it becomes NaN: refused where it enters.
+    Quantizing them corrupts without a word: an inf makes its block's absmax infinite, so
+    the whole block (with double quantization, the whole array) dequantizes to NaN, and a NaN
+    is stored as an ordinary code. So they are refused where they enter.
 
     Example:
       >>> check_finite(jnp.ones(3))
@@ -131,8 +133,8 @@ def check_finite(x: Any, name: str | None = None, *,
       Traceback (most recent call last):
       ...
       ValueError: fc/kernel has 2 non-finite values of 3 (1 NaN, 1 inf; the first at index \
-(1,)): quantizing them would make whole blocks NaN; fix the weights, or pass \
-allow_nonfinite=True
+(1,)): quantized, an inf makes its block NaN and a NaN becomes a number; fix \
+the weights, or pass allow_nonfinite=True
     """
     if isinstance(x, jax.core.Tracer):
         return
@@ -179,8 +181,8 @@ def quantize(x: jax.Array, fmt: str = "nf4", block_size: int = 64, double_quant:
       compute_dtype: dtype name `dequantize` returns by default (default: float32 on CPU,
         bfloat16 elsewhere).
       allow_nonfinite: quantize NaN / inf values anyway. By default they are refused (a
-        ValueError with their count): one of them makes its whole block NaN when
-        dequantized, and with `double_quant` the whole array.
+        ValueError with their count): an inf makes its whole block NaN when dequantized
+        (with `double_quant` the whole array), and a NaN comes back as a number.
       name: what to call `x` in errors (its path in a params tree).
 
     Example:
