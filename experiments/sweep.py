@@ -143,9 +143,10 @@ def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experime
         start = time.perf_counter()
         done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
         tail = "\n".join(done.stderr.strip().splitlines()[-40:])
+        finished_now = db.finished_hashes(experiment)
         for (overrides, h), n_before in zip(members, before, strict=True):
             statuses = _statuses(db, h)
-            if len(statuses) > n_before and statuses[-1] == "ok":
+            if h in finished_now:  # by this run.py, or by another sweep meanwhile
                 counts["done"] += 1
                 continue
             counts["failed"] += 1
