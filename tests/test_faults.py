@@ -261,7 +261,8 @@ def test_a_damaged_checkpoint_falls_back_and_resumes_bit_identical(
     moved = [str(w.message) for w in caught if "is damaged" in str(w.message)]
     if refused is not None:  # unreadable: set aside, resumed from the step before
         assert resumed.start_step == 8 and len(moved) == 1
-        assert moved[0].startswith(f"{refused}; moved it to {work}/checkpoints.damaged/12")
+        said = str(refused).replace("/refuse/", "/resume/")  # the same words for the copy
+        assert moved[0].startswith(f"{said}; moved it to {work}/checkpoints.damaged/12")
         assert (work / "checkpoints.damaged" / "12").is_dir()  # kept, not deleted
     else:  # a file orbax does not need (commit markers, merged-away ocdbt pieces)
         assert resumed.start_step == 12 and not moved
@@ -300,6 +301,14 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(seed, uninterrupt
     assert same_leaves(resumed.trainable, uninterrupted)
     steps = [r["step"] for r in lt.read_jsonl(tmp_path) if "train/loss" in r]
     assert steps == list(range(1, STEPS + 1))  # the log reads as one run's
+
+
+def test_a_log_left_by_a_run_killed_before_its_first_checkpoint_is_restarted(tmp_path):
+    with lt.MetricsWriter(tmp_path, tensorboard=False) as writer:
+        for step in (1, 2, 3):
+            writer.write(step, {"loss": 1.0}, prefix="train/")
+    lt.MetricsWriter(tmp_path, start_step=0, tensorboard=False).close()
+    assert lt.read_jsonl(tmp_path) == []
 
 
 # ---- a sweep killed at a random moment ---------------------------------------------------
