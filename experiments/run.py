@@ -218,14 +218,17 @@ def run_stacked(configs: list, *, db_path: str | Path, experiment: str,
     db = results.ResultsDB(db_path)
     rows = []
     if not replace:
+        pending = []
         for config in configs:
             finished = already_finished(db, config, experiment)
             if finished:
                 print(f"run.py: {finished}", file=sys.stderr)
-        configs = [c for c in configs if db.finished_row(c, experiment) is None]
-        if not configs:
+            else:
+                pending.append(config)
+        if not pending:
             db.close()
             return rows
+        configs = pending
     try:
         resolved = [tasks.training_config(c) for c in configs]
         task, info = tasks.build(resolved[0])

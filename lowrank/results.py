@@ -175,8 +175,8 @@ class ResultsDB:
             self._conn.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
             try:
                 self._conn.execute(_UNIQUE_OK)
-            except sqlite3.IntegrityError:
-                pass  # an old database with duplicates: write() still refuses new ones
+            except (sqlite3.IntegrityError, sqlite3.OperationalError):
+                pass  # an old database with duplicates, or read-only: write() still checks
 
     @contextlib.contextmanager
     def _named(self) -> Iterator[None]:
