@@ -171,6 +171,11 @@ class ResultsDB:
             self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             if self.path != ":memory:":
                 self._conn.execute("PRAGMA journal_mode=WAL")
+                # A damaged file can still read, rows silently missing: refuse it instead
+                # (tens of ms for tens of thousands of rows).
+                (verdict,) = self._conn.execute("PRAGMA integrity_check(1)").fetchone()
+                if verdict != "ok":
+                    raise sqlite3.DatabaseError(f"integrity check failed: {verdict}")
             cols = ", ".join(f"{_quote(k)} {t}" for k, t in _FIXED_COLUMNS.items())
             self._conn.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
             try:
@@ -186,7 +191,7 @@ class ResultsDB:
             yield
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # text bytes damaged too
             raise ResultsDBError(f"cannot use the results database {self.path}: {e}") from None
 
     def close(self) -> None:

@@ -55,7 +55,7 @@ from test_faults import TASK, train_config
 from lowrank import train as lt
 
 def slow_batch(seed, step):  # slow enough to be killed in the middle
-    time.sleep(0.05)
+    time.sleep(0.1)
     return TASK.train_batch(seed, step)
 
 lt.train(train_config(sys.argv[1]), dataclasses.replace(TASK, train_batch=slow_batch))
@@ -67,7 +67,13 @@ lt.train(train_config(sys.argv[1]), dataclasses.replace(TASK, train_batch=slow_b
 def test_a_run_killed_at_a_random_moment_resumes_bit_identical(seed, uninterrupted, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path), str(ROOT / "tests")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    delay = np.random.default_rng(seed).uniform(2.0, 10.0)
+    # The kill lands in the training (after start-up and compilation): from the first
+    # checkpoint (step 4) on, within the next 20 steps of >= 0.1 s, or just after the end.
+    started = time.monotonic() + 120
+    while not (tmp_path / "checkpoints" / "4").exists() and time.monotonic() < started:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.02)
+    delay = np.random.default_rng(seed).uniform(0.0, 2.5)
     deadline = time.monotonic() + delay
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -78,7 +84,7 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(seed, uninterrupt
     assert same_leaves(resumed.trainable, uninterrupted)
     steps = [r["step"] for r in lt.read_jsonl(tmp_path) if "train/loss" in r]
     assert steps == list(range(1, STEPS + 1))  # the log reads as one run's
-    print(f"fault: training run killed at {delay:.1f} s: resumed from step "
+    print(f"fault: training run killed {delay:.1f} s after its first checkpoint: resumed from step "
           f"{resumed.start_step}, bit-identical")
 
 

@@ -148,14 +148,17 @@ def _check_directory(directory: pathlib.Path) -> None:
             f"{directory} is not a checkpoint directory: it holds {', '.join(foreign[:10])}; "
             + expected
         )
-    for step_dir in directory.iterdir():
-        if _STEP_DIR.fullmatch(step_dir.name):
-            missing = [i for i in ITEMS if not (step_dir / i).is_dir()]
-            if missing:
-                raise NotACheckpointDirectory(
-                    f"{step_dir} is not a lowrank training checkpoint: it lacks "
-                    f"{', '.join(missing)}; {expected}"
-                )
+    steps = {int(d.name): d for d in directory.iterdir() if _STEP_DIR.fullmatch(d.name)}
+    missing = {s: [i for i in ITEMS if not (d / i).is_dir()] for s, d in steps.items()}
+    complete = [s for s, lacks in missing.items() if not lacks]
+    for step, lacks in sorted(missing.items()):
+        # An older step than a complete one, half gone: orbax was deleting it (keep=K) when
+        # the run was killed. It is left for orbax to finish deleting.
+        if lacks and not any(c > step for c in complete):
+            raise NotACheckpointDirectory(
+                f"{steps[step]} is not a lowrank training checkpoint: it lacks "
+                f"{', '.join(lacks)}; {expected}"
+            )
 
 
 class Checkpointer:
