@@ -204,10 +204,14 @@ def _copy(src, dst):
 
 
 def _damaged_copy(checkpointed, work, seed):
-    """A copy of the stopped run with one random file of its newest step damaged."""
+    """A copy of the stopped run with one random file of its newest step damaged: on odd
+    seeds one that orbax reads (most files are commit markers and ocdbt pieces it merged)."""
     rng = np.random.default_rng(seed)
     _copy(checkpointed, work)
     files = sorted(p for p in (work / "checkpoints" / "12").rglob("*") if p.is_file())
+    if seed % 2:
+        files = [p for p in files if p.name != "commit_success.txt"
+                 and "ocdbt.process_0" not in p.parts and p.name != "_CHECKPOINT_METADATA"]
     file = files[rng.integers(len(files))]
     return file, damage(file, rng)
 
@@ -232,8 +236,9 @@ def test_a_damaged_checkpoint_falls_back_and_resumes_bit_identical(
     moved = [str(w.message) for w in caught if "is damaged" in str(w.message)]
     if refused is not None:  # unreadable: set aside, resumed from the step before
         assert resumed.start_step == 8 and len(moved) == 1
-        said = str(refused).replace("/refuse/", "/resume/")  # the same words for the copy
-        assert moved[0].startswith(f"{said}; moved it to {work}/checkpoints.damaged/12")
+        named = work / refused.file.relative_to(tmp_path / "refuse")  # the same file
+        assert moved[0].startswith(f"checkpoint step 12 is damaged: cannot read {named} (")
+        assert f"; moved it to {work}/checkpoints.damaged/12 and resuming from step 8" in moved[0]
         assert (work / "checkpoints.damaged" / "12").is_dir()  # kept, not deleted
     else:  # a file orbax does not need (commit markers, merged-away ocdbt pieces)
         assert resumed.start_step == 12 and not moved
