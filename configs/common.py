@@ -132,7 +132,8 @@ def experiment_name(config_spec: str) -> str:
 
 def unknown_override(argv: list[str]) -> str | None:
     """An error message for the first ``--config.<key>`` in ``argv`` that the config named by
-    ``--config=`` lacks (listing the valid keys), or None.
+    ``--config=`` lacks (listing the valid keys), or for a config file that does not exist;
+    None when all is well.
 
     >>> unknown_override(["run.py", "--config=configs/finetune_bbc.py", "--config.lora.rnak=2"])
     ... # doctest: +ELLIPSIS
@@ -143,7 +144,10 @@ def unknown_override(argv: list[str]) -> str | None:
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if spec is None:
         return None
-    _, config = load(spec)
+    try:
+        _, config = load(spec)
+    except FileNotFoundError as e:  # a wrong --config path: a one-line error too
+        return str(e)
     valid = flatten(config.to_dict())
     for arg in argv:
         if arg.startswith("--config."):

@@ -46,19 +46,28 @@ class Table:
 
 
 def load_runs(path: str | Path) -> pd.DataFrame:
-    """The finished runs of a results database (SQLite) or of its CSV export.
+    """The finished runs of a results database (SQLite) or of its CSV export, each run once:
+    rows repeating a finished run (an older database could hold them) are left out with a
+    warning that counts them, so they never count as extra seeds.
 
     >>> load_runs(":memory:").empty
     True
     """
     if str(path).endswith(".csv"):
         frame = pd.read_csv(path)
-        return frame[frame["status"] == "ok"].reset_index(drop=True)
-    db = results.ResultsDB(path)
-    try:
-        return db.frame("ok")
-    finally:
-        db.close()
+        frame = frame[frame["status"] == "ok"].reset_index(drop=True)
+    else:
+        db = results.ResultsDB(path)
+        try:
+            frame = db.frame("ok")
+        finally:
+            db.close()
+    frame, dropped = results.drop_duplicate_runs(frame)
+    if dropped:
+        print(f"report.py: warning: {path} holds {len(dropped)} repeated finished row(s) "
+              f"(same experiment, config hash and seed as an earlier row): left out, ids "
+              f"{dropped}", file=sys.stderr)
+    return frame
 
 
 def mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -448,7 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not str(args.db).endswith(".csv") and not Path(args.db).is_file():
         parser.error(f"--db {args.db!r} does not exist")
-    frame = load_runs(args.db)
+    try:
+        frame = load_runs(args.db)
+    except (OSError, ValueError, pd.errors.ParserError, results.ResultsDBError) as e:
+        parser.exit(1, f"report.py: error: {' '.join(str(e).split())}\n")
     tables = report(frame)
     markdown = "\n\n".join(to_markdown(t) for _, t in tables)
     print(markdown if tables else f"no finished runs in {args.db}")

@@ -8,11 +8,16 @@ The row holds every config field (flattened), the evaluation metrics, trainable 
 parameters, bits per base parameter, seconds per step (compilation excluded), peak memory
 (the device's peak where JAX reports one, else the process's peak resident memory), seed,
 git commit and config hash. A run that raises writes a "failed" row with its traceback.
+
+A run already finished (an "ok" row for the same experiment, config hash and seed) is not run
+again: run.py says so and writes nothing; ``--replace`` trains it again from scratch (its old
+workdir moved aside, never deleted) and replaces the row.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -32,7 +37,7 @@ from ml_collections import config_flags  # noqa: E402
 from configs import common, tasks  # noqa: E402
 from lowrank import results, stack  # noqa: E402
 from lowrank.assets import cache_dir  # noqa: E402
-from lowrank.train import train  # noqa: E402
+from lowrank.train import read_jsonl, train  # noqa: E402
 
 DEFAULT_DB = ROOT / "workdir" / "results.sqlite"
 
@@ -52,6 +57,9 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "stack", None, "a JSON list of override dicts: train those runs of --config together "
         "as one stack (experiments/sweep.py --batch writes it)")
+    flags.DEFINE_bool(
+        "replace", False, "train a run that already has a finished row again (from scratch) "
+        "and replace that row")
     flags.DEFINE_bool(
         "compilation_cache", True, "reuse compiled steps across processes (runs that differ "
         "only in seed compile once)")
@@ -98,14 +106,16 @@ def _row(config, result, info, start: float, stack_size: int = 1) -> tuple[dict,
     together share their step time: each row gets its amortised share)."""
     metrics = {**(result.eval_metrics or {})}
     metrics.pop("weight", None)
-    metrics["train_loss"] = result.metrics.get("loss", float("nan"))
+    metrics["train_loss"] = result.metrics.get("loss", _logged_loss(result.workdir))
     metrics["weight_rmse"] = info.weight_rmse
     metrics["quant_bits_per_param"] = info.quant_bits_per_param
     fields = dict(
         trainable_params=tasks.count_trainable(result.trainable),
         base_params=info.base_params,
         bits_per_param=info.bits_per_param,
-        step_seconds=result.loop_seconds / max(result.timed_steps, 1) / stack_size,
+        # None, not 0, when no step was timed (a run resumed from its final checkpoint).
+        step_seconds=(result.loop_seconds / result.timed_steps / stack_size
+                      if result.timed_steps else None),
         peak_memory_mb=peak_memory_mb(),
         wall_seconds=(time.perf_counter() - start) / stack_size,
         git_commit=git_commit(),
@@ -113,14 +123,58 @@ def _row(config, result, info, start: float, stack_size: int = 1) -> tuple[dict,
     return fields, metrics
 
 
+def _logged_loss(workdir: str | None) -> float:
+    """The last training loss in ``workdir``'s metrics log (NaN without one): what a run
+    resumed from its final checkpoint reports, having trained no step itself."""
+    try:
+        losses = [r["train/loss"] for r in read_jsonl(workdir) if "train/loss" in r]
+    except (OSError, TypeError, ValueError):
+        return math.nan
+    return losses[-1] if losses else math.nan
+
+
+def already_finished(db, config, experiment: str) -> str | None:
+    """Why ``config`` need not run (its finished row, in words), or None.
+
+    >>> db = results.ResultsDB(":memory:")
+    >>> already_finished(db, {"seed": 0}, "e") is None
+    True
+    """
+    row = db.finished_row(config, experiment)
+    if row is None:
+        return None
+    return (f"{db.path} already holds finished run {row['id']} (experiment {experiment!r}, "
+            f"config hash {row['config_hash']}, seed {row['seed']}, finished "
+            f"{row['finished_at']}): nothing run or written; --replace trains it again and "
+            "replaces that row")
+
+
+def _move_aside(directory: Path) -> Path | None:
+    """Renames ``directory`` to the first free ``<name>.replaced-<n>`` (None if absent)."""
+    if not directory.exists():
+        return None
+    n = 1
+    while directory.with_name(f"{directory.name}.replaced-{n}").exists():
+        n += 1
+    target = directory.with_name(f"{directory.name}.replaced-{n}")
+    directory.rename(target)
+    return target
+
+
 def _write_failure(db, config, experiment: str, start: float, error: str) -> None:
     db.write(config, {}, status="failed", experiment=experiment, traceback=error,
              git_commit=git_commit(), wall_seconds=time.perf_counter() - start)
 
 
-def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = None) -> dict:
+def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = None,
+        replace: bool = False) -> dict:
     """Trains and evaluates ``config`` and writes its row to ``db_path``; returns the row's
     fields (a failed run writes its traceback and re-raises).
+
+    Raises:
+      results.DuplicateRunError: the run already has a finished row (before anything is
+        trained or written), unless ``replace``: then it is trained again from scratch, its
+        old workdir moved aside to ``<dir>.replaced-<n>``, and its row replaced.
 
     >>> from configs.finetune_bbc import get_config
     >>> row = run(get_config("tiny"), db_path=":memory:", experiment="t")  # doctest: +SKIP
@@ -128,14 +182,21 @@ def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = N
     start = time.perf_counter()
     db = results.ResultsDB(db_path)
     try:
+        finished = already_finished(db, config, experiment)
+        if finished and not replace:
+            raise results.DuplicateRunError(finished)
         resolved = tasks.training_config(config)
         if workdir:
             resolved.workdir = str(Path(workdir) / experiment / results.config_hash(config))
+            if finished:
+                _move_aside(Path(resolved.workdir))
         task, info = tasks.build(resolved)
         result = train(resolved, task)
         fields, metrics = _row(config, result, info, start)
-        db.write(config, metrics, experiment=experiment, **fields)
+        db.write(config, metrics, experiment=experiment, replace=replace, **fields)
         return {"config_hash": results.config_hash(config), **fields, **metrics}
+    except results.DuplicateRunError:
+        raise
     except Exception:
         _write_failure(db, config, experiment, start, traceback.format_exc())
         raise
@@ -143,9 +204,11 @@ def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = N
         db.close()
 
 
-def run_stacked(configs: list, *, db_path: str | Path, experiment: str) -> list[dict]:
+def run_stacked(configs: list, *, db_path: str | Path, experiment: str,
+                replace: bool = False) -> list[dict]:
     """Trains compatible ``configs`` as one stack (``lowrank.stack``: one compiled program over
     one frozen base) and writes one row per run; a member that fails gets a "failed" row.
+    Members that already have a finished row are left out (saying so) unless ``replace``.
 
     >>> from configs.finetune_bbc import get_config
     >>> two = [get_config("tiny")] * 2
@@ -154,6 +217,18 @@ def run_stacked(configs: list, *, db_path: str | Path, experiment: str) -> list[
     start = time.perf_counter()
     db = results.ResultsDB(db_path)
     rows = []
+    if not replace:
+        pending = []
+        for config in configs:
+            finished = already_finished(db, config, experiment)
+            if finished:
+                print(f"run.py: {finished}", file=sys.stderr)
+            else:
+                pending.append(config)
+        if not pending:
+            db.close()
+            return rows
+        configs = pending
     try:
         resolved = [tasks.training_config(c) for c in configs]
         task, info = tasks.build(resolved[0])
@@ -163,9 +238,11 @@ def run_stacked(configs: list, *, db_path: str | Path, experiment: str) -> list[
                 _write_failure(db, config, experiment, start, f"{type(out).__name__}: {out}")
                 continue
             fields, metrics = _row(config, out, info, start, stack_size=len(configs))
-            db.write(config, metrics, experiment=experiment, **fields)
+            db.write(config, metrics, experiment=experiment, replace=replace, **fields)
             rows.append({"config_hash": results.config_hash(config), **fields, **metrics})
         return rows
+    except results.DuplicateRunError:
+        raise
     except Exception:
         for config in configs:
             _write_failure(db, config, experiment, start, traceback.format_exc())
@@ -190,14 +267,28 @@ def main(argv: list[str]) -> None:
         enable_compilation_cache()
     spec = FLAGS["config"].config_filename
     experiment = FLAGS.experiment or common.experiment_name(spec)
+    if FLAGS.stack and FLAGS.workdir:
+        raise app.UsageError("--stack runs keep no workdir (no checkpoints): drop --workdir")
     if FLAGS.stack:
-        if FLAGS.workdir:
-            raise app.UsageError("--stack runs keep no workdir (no checkpoints): drop --workdir")
-        configs = [results.apply_overrides(FLAGS.config, o) for o in json.loads(FLAGS.stack)]
-        rows = run_stacked(configs, db_path=FLAGS.db, experiment=experiment)
-    else:
-        rows = [run(FLAGS.config, db_path=FLAGS.db, experiment=experiment,
-                    workdir=FLAGS.workdir)]
+        try:
+            configs = [results.apply_overrides(FLAGS.config, o) for o in json.loads(FLAGS.stack)]
+        except (KeyError, ValueError) as e:
+            raise app.UsageError(f"--stack: {e}") from None
+    try:
+        if FLAGS.stack:
+            rows = run_stacked(configs, db_path=FLAGS.db, experiment=experiment,
+                               replace=FLAGS.replace)
+        else:
+            rows = [run(FLAGS.config, db_path=FLAGS.db, experiment=experiment,
+                        workdir=FLAGS.workdir, replace=FLAGS.replace)]
+    except results.DuplicateRunError as e:
+        print(f"run.py: {e}", file=sys.stderr)
+        return
+    except results.ResultsDBError as e:
+        sys.exit(f"run.py: error: {e}")
+    except Exception as e:  # the traceback is in the database's "failed" row
+        sys.exit(f"run.py: error: the run failed: {type(e).__name__}: {e} (its traceback is in "
+                 f"{FLAGS.db}, status 'failed')")
     for row in rows:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                           for k, v in row.items()}))

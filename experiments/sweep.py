@@ -143,9 +143,10 @@ def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experime
         start = time.perf_counter()
         done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
         tail = "\n".join(done.stderr.strip().splitlines()[-40:])
+        finished_now = db.finished_hashes(experiment)
         for (overrides, h), n_before in zip(members, before, strict=True):
             statuses = _statuses(db, h)
-            if len(statuses) > n_before and statuses[-1] == "ok":
+            if h in finished_now:  # by this run.py, or by another sweep meanwhile
                 counts["done"] += 1
                 continue
             counts["failed"] += 1
@@ -177,9 +178,12 @@ def main(argv: list[str]) -> None:
     if FLAGS.config is None:
         raise app.UsageError("--config=configs/x.py[:variant] is required")
     experiment = FLAGS.experiment or common.experiment_name(FLAGS.config)
-    counts = sweep(FLAGS.config, BASE_ARGS, seeds=FLAGS.seeds, db_path=FLAGS.db,
-                   experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run,
-                   batch=FLAGS.batch)
+    try:
+        counts = sweep(FLAGS.config, BASE_ARGS, seeds=FLAGS.seeds, db_path=FLAGS.db,
+                       experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run,
+                       batch=FLAGS.batch)
+    except (OSError, ValueError, KeyError, results.ResultsDBError) as e:  # named bad input
+        sys.exit(f"sweep.py: error: {e}")
     print(f"{experiment}: {counts['done']} run, {counts['skipped']} already done, "
           f"{counts['failed']} failed")
     if counts["failed"]:

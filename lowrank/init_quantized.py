@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from lowrank import paths
 from lowrank.lora import LoraPair, init_adapters, is_pair
 from lowrank.quant import dequantize, quantize_tree
+from lowrank.quant.array import check_finite
 from lowrank.quant.tree import QuantSpec, layout_for, quantize_leaf
 from lowrank.spec import LoraSpec
 
@@ -61,7 +62,7 @@ def _loftq(path: str, kernel: jax.Array, pair: LoraPair, quant: QuantSpec, layou
 
 
 def init(key: jax.Array, params: Mapping, spec: LoraSpec, *, quant: QuantSpec | None = None,
-         layouts: Mapping | None = None) -> tuple[dict, dict]:
+         layouts: Mapping | None = None, allow_nonfinite: bool = False) -> tuple[dict, dict]:
     """Creates `(frozen, adapters)` for any `LoraSpec.init`, quantizing the base if asked.
 
     - "kaiming" / "gaussian": adapters as `init_adapters`; the frozen tree is `params`
@@ -79,6 +80,9 @@ def init(key: jax.Array, params: Mapping, spec: LoraSpec, *, quant: QuantSpec | 
       quant: how to quantize the frozen base (None: keep it in full precision).
       layouts: `{path: Factorization}` from `lowrank.discover_layouts`, for kernels with
         more than two axes (used both for the adapters and the quantization layout).
+      allow_nonfinite: let PiSSA / LoftQ decompose a target holding NaN or inf (its adapters
+        come out all NaN). By default such a target is a ValueError naming its path and the
+        count; quantizing refuses non-finite weights on its own (see `quantize`).
 
     Returns:
       `(frozen, adapters)`, to be used as `lowrank.apply(model, frozen, adapters, x)`.
@@ -111,6 +115,8 @@ def init(key: jax.Array, params: Mapping, spec: LoraSpec, *, quant: QuantSpec | 
             adapters[path] = leaf
             continue
         kernel = jnp.asarray(flat[path])
+        if not allow_nonfinite:  # one NaN in W makes every entry of its SVD NaN
+            check_finite(kernel, path, why=f"its {spec.init} adapters would be all NaN")
         if spec.init == "pissa":
             pair = _top_singular_pair(_matrix(kernel, leaf), leaf)
             flat[path] = (kernel.astype(jnp.float32) - pair.delta(jnp.float32)).astype(kernel.dtype)

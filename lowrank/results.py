@@ -16,11 +16,12 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ CONFIG_PREFIX, METRIC_PREFIX = "config.", "metric."
 # Fields that say where and how loudly a run happens, not what it computes: never hashed.
 # ``sweep.*`` fields describe the grid a run belongs to, not the run.
 UNHASHED = ("workdir", "quiet", "log.every", "log.tensorboard", "checkpoint.every",
-            "checkpoint.keep", "checkpoint.resume", "export_adapters", "sweep.")
+            "checkpoint.keep", "checkpoint.resume", "checkpoint.fallback", "export_adapters",
+            "sweep.")
 
 _FIXED_COLUMNS = {
     "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
@@ -48,6 +50,19 @@ _FIXED_COLUMNS = {
     "finished_at": "TEXT",
     "traceback": "TEXT",
 }
+# A finished run is one (experiment, config hash, seed): at most one "ok" row each. NULLs
+# are coalesced because SQLite's unique indexes treat every NULL as distinct.
+_RUN_KEY = ("experiment", "config_hash", "seed")
+_UNIQUE_OK = ("CREATE UNIQUE INDEX IF NOT EXISTS runs_one_ok_row ON runs "
+              "(COALESCE(experiment, ''), config_hash, COALESCE(seed, -1)) WHERE status = 'ok'")
+
+
+class ResultsDBError(Exception):
+    """The results database file cannot be read or written (damaged, or not a database)."""
+
+
+class DuplicateRunError(ValueError):
+    """A finished row for this (experiment, config hash, seed) is already in the database."""
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -150,20 +165,65 @@ class ResultsDB:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
-        # isolation_level=None: every statement commits on its own, so a killed sweep keeps
-        # every row it wrote and never a half-written one.
-        self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        if self.path != ":memory:":
-            self._conn.execute("PRAGMA journal_mode=WAL")
-        cols = ", ".join(f"{_quote(k)} {t}" for k, t in _FIXED_COLUMNS.items())
-        self._conn.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+        with self._named():
+            # isolation_level=None: every statement commits on its own, so a killed sweep
+            # keeps every row it wrote and never a half-written one.
+            self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            if self.path != ":memory:":
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                # A damaged file can still read, rows silently missing: refuse it instead
+                # (tens of ms for tens of thousands of rows).
+                (verdict,) = self._conn.execute("PRAGMA integrity_check(1)").fetchone()
+                if verdict != "ok":
+                    raise sqlite3.DatabaseError(f"integrity check failed: {verdict}")
+            cols = ", ".join(f"{_quote(k)} {t}" for k, t in _FIXED_COLUMNS.items())
+            self._conn.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+            try:
+                self._conn.execute(_UNIQUE_OK)
+            except (sqlite3.IntegrityError, sqlite3.OperationalError):
+                pass  # an old database with duplicates, or read-only: write() still checks
+
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        """Re-raises SQLite's errors about the file ("database disk image is malformed", "file
+        is not a database") with the file's path."""
+        try:
+            yield
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # text bytes damaged too
+            raise ResultsDBError(f"cannot use the results database {self.path}: {e}") from None
 
     def close(self) -> None:
         self._conn.close()
 
     def columns(self) -> list[str]:
         """The column names of ``runs``, in table order."""
-        return [row[1] for row in self._conn.execute("PRAGMA table_info(runs)")]
+        with self._named():
+            return [row[1] for row in self._conn.execute("PRAGMA table_info(runs)")]
+
+    def finished_row(self, config: Any, experiment: str | None = None) -> dict | None:
+        """The finished ("ok") row of ``config`` in ``experiment``, or None.
+
+        >>> db = ResultsDB(":memory:")
+        >>> db.finished_row({"seed": 0}) is None
+        True
+        >>> db.write({"seed": 0}, {})
+        1
+        >>> db.finished_row({"seed": 0})["id"]
+        1
+        """
+        plain = _plain(config)
+        found = self._finished(experiment, config_hash(plain), plain.get("seed"))
+        return found[0] if found else None
+
+    def _finished(self, experiment: str | None, hash_: str, seed: Any) -> list[dict]:
+        sql = ("SELECT * FROM runs WHERE status = 'ok' AND experiment IS ? AND config_hash = ? "
+               "AND seed IS ? ORDER BY id")
+        with self._named():
+            cur = self._conn.execute(sql, (experiment, hash_, _sql_value(seed)))
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur]
 
     def write(
         self,
@@ -173,9 +233,14 @@ class ResultsDB:
         status: str = "ok",
         experiment: str | None = None,
         traceback: str | None = None,
+        replace: bool = False,
         **fields: Any,
     ) -> int:
         """Writes one run and returns its row id.
+
+        A finished ("ok") run is written once: a second "ok" row for the same experiment,
+        config hash and seed raises ``DuplicateRunError`` (naming the row it would double)
+        unless ``replace``, which deletes the old row in the same transaction.
 
         Args:
           config: the run's config (ConfigDict or nested dict); its hash and every flattened
@@ -184,6 +249,7 @@ class ResultsDB:
           status: "ok" or "failed".
           experiment: a name to group runs by (the config file's stem).
           traceback: the error of a failed run.
+          replace: replace a finished row of the same run instead of refusing.
           **fields: any of the fixed columns (trainable_params, bits_per_param,
             step_seconds, peak_memory_mb, wall_seconds, git_commit, base_params).
         """
@@ -201,8 +267,20 @@ class ResultsDB:
         }
         row.update({CONFIG_PREFIX + k: v for k, v in flatten(plain).items()})
         row.update({METRIC_PREFIX + k: v for k, v in metrics.items()})
+        with self._named():
+            return self._insert(row, replace)
+
+    def _insert(self, row: dict[str, Any], replace: bool) -> int:
         self._conn.execute("BEGIN IMMEDIATE")  # one writer at a time adds columns and the row
         try:
+            if row["status"] == "ok":
+                old = [r["id"] for r in self._finished(*(row[k] for k in _RUN_KEY))]
+                if old and not replace:
+                    raise DuplicateRunError(
+                        f"{self.path} already holds finished run {old[0]} for experiment "
+                        f"{row['experiment']!r}, config hash {row['config_hash']}, seed "
+                        f"{row['seed']}: not written twice (replace=True replaces it)")
+                self._conn.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in old])
             have = set(self.columns())
             for name in row:
                 if name not in have:
@@ -222,16 +300,18 @@ class ResultsDB:
         sql, args = "SELECT config_hash FROM runs WHERE status = 'ok'", ()
         if experiment is not None:
             sql, args = sql + " AND experiment = ?", (experiment,)
-        return {row[0] for row in self._conn.execute(sql, args)}
+        with self._named():
+            return {row[0] for row in self._conn.execute(sql, args)}
 
     def rows(self, status: str | None = "ok") -> list[dict[str, Any]]:
         """Every run (of ``status``; None: all) as a dict of column -> value, in id order."""
         sql, args = "SELECT * FROM runs", ()
         if status is not None:
             sql, args = sql + " WHERE status = ?", (status,)
-        cur = self._conn.execute(sql + " ORDER BY id", args)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur]
+        with self._named():
+            cur = self._conn.execute(sql + " ORDER BY id", args)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur]
 
     def frame(self, status: str | None = "ok"):
         """The runs as a pandas DataFrame (one column per config field and metric).
@@ -249,6 +329,27 @@ class ResultsDB:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(path, index=False)
         return len(frame)
+
+
+def drop_duplicate_runs(frame):
+    """``(frame without repeated finished runs, ids of the rows dropped)``: of the "ok" rows
+    sharing an experiment, config hash and seed (written by older versions, which let a
+    finished run be rerun), the first is kept, the one that trained.
+
+    >>> import pandas as pd
+    >>> frame = pd.DataFrame({"id": [1, 2, 3], "experiment": ["e"] * 3, "status": ["ok"] * 3,
+    ...                       "config_hash": ["h", "h", "g"], "seed": [0, 0, 0]})
+    >>> kept, dropped = drop_duplicate_runs(frame)
+    >>> kept["id"].tolist(), dropped
+    ([1, 3], [2])
+    """
+    if frame.empty or not set(_RUN_KEY) | {"status"} <= set(frame.columns):
+        return frame, []
+    key = frame[list(_RUN_KEY)].astype(str)  # NaN and None compare equal as text
+    repeated = frame["status"].eq("ok") & key[frame["status"].eq("ok")].duplicated()
+    repeated = repeated.reindex(frame.index, fill_value=False)
+    dropped = [int(i) for i in frame.loc[repeated, "id"]] if "id" in frame else []
+    return frame[~repeated].reset_index(drop=True), dropped
 
 
 def read_runs(paths: Iterable[str | Path], status: str | None = "ok"):

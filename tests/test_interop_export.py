@@ -105,7 +105,12 @@ def test_converter_to_peft_and_back(scanned_llama, tmp_path):
     assert convert.spec_of(lora).rslora is True
 
 
-def test_converter_rejects_a_directory_that_is_no_export(tmp_path):
-    with pytest.raises(FileNotFoundError, match="adapters.json"):
+def test_converter_rejects_a_directory_that_is_no_export(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         convert.main(["to-peft", str(tmp_path), str(tmp_path / "peft"), "--base",
                       str(HF / "tiny_llama")])
+    assert exit_.value.code == 1
+    (line,) = capsys.readouterr().err.splitlines()  # one line, no traceback
+    assert f"{tmp_path / 'adapters.json'} does not exist" in line
+    with pytest.raises(FileNotFoundError, match="adapters.json"):
+        convert.to_peft(tmp_path, tmp_path / "peft", HF / "tiny_llama")

@@ -32,6 +32,7 @@ import numpy as np
 import safetensors.flax
 
 from lowrank import paths
+from lowrank.files import BadFileError, read_json, read_safetensors
 from lowrank.interop import naming
 from lowrank.layers import MATRIX
 from lowrank.lora import LoraPair, check_fits, is_pair, shape_of
@@ -341,7 +342,10 @@ def read_config(directory: str | Path) -> dict:
             f"{file} does not exist: a PEFT adapter directory holds {CONFIG_FILE} and "
             f"{WEIGHTS_FILE}"
         )
-    config = json.loads(file.read_text())
+    config = read_json(file, "PEFT's adapter config")
+    if not isinstance(config, dict):
+        raise BadFileError(f"{file}: expected a JSON object of PEFT options, got "
+                           f"{type(config).__name__}")
     for name, accepted in _FIXED.items():
         if name in config and config[name] not in accepted:
             raise ValueError(
@@ -370,7 +374,7 @@ def _read_tensors(directory: Path) -> dict[str, Any]:
         found = sorted(p.name for p in directory.iterdir())
         hint = " (pickled adapter_model.bin is not read)" if "adapter_model.bin" in found else ""
         raise FileNotFoundError(f"{file} does not exist{hint}; found: {found}")
-    return safetensors.flax.load_file(str(file))
+    return read_safetensors(file, "PEFT's adapter weights")
 
 
 def _listing(keys: Iterable[str], limit: int = 12) -> str:

@@ -117,6 +117,40 @@ def _check_float(x: jax.Array) -> None:
                         f"float64), got dtype {x.dtype}")
 
 
+def check_finite(x: Any, name: str | None = None, *,
+                 why: str = "quantized, an inf makes its block NaN and a NaN becomes a "
+                            "number") -> None:
+    """Raises ValueError naming `name` (else the shape), how many of `x`'s values are NaN or
+    infinite, and the first one's index; a traced `x` (under `jax.jit`) is not checked.
+
+    Quantizing them corrupts without a word: an inf makes its block's absmax infinite, so
+    the whole block (with double quantization, the whole array) dequantizes to NaN, and a NaN
+    is stored as an ordinary code. So they are refused where they enter.
+
+    Example:
+      >>> check_finite(jnp.ones(3))
+      >>> check_finite(jnp.array([1.0, jnp.nan, jnp.inf]), "fc/kernel")
+      Traceback (most recent call last):
+      ...
+      ValueError: fc/kernel has 2 non-finite values of 3 (1 NaN, 1 inf; the first at index \
+(1,)): quantized, an inf makes its block NaN and a NaN becomes a number; fix \
+the weights, or pass allow_nonfinite=True
+    """
+    if isinstance(x, jax.core.Tracer):
+        return
+    if bool(jnp.isfinite(x).all()):  # on the device: nothing copied unless one is bad
+        return
+    values = np.asarray(jax.device_get(x))
+    finite = np.isfinite(values)
+    nan = int(np.isnan(values).sum())
+    bad = int(values.size - finite.sum())
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    what = name if name is not None else f"an array of shape {tuple(values.shape)}"
+    raise ValueError(f"{what} has {bad} non-finite values of {values.size} ({nan} NaN, "
+                     f"{bad - nan} inf; the first at index {first}): {why}; fix the weights, "
+                     "or pass allow_nonfinite=True")
+
+
 def _check_perm(perm: tuple[int, ...] | None, slice_ndim: int) -> None:
     if perm is not None and sorted(perm) != list(range(slice_ndim)):
         raise ValueError(f"perm must be a permutation of range({slice_ndim}) (the axes of one "
@@ -125,7 +159,8 @@ def _check_perm(perm: tuple[int, ...] | None, slice_ndim: int) -> None:
 
 def quantize(x: jax.Array, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False,
              *, perm: tuple[int, ...] | None = None, stack_axes: int = 0,
-             compute_dtype: str | None = None) -> QuantizedArray:
+             compute_dtype: str | None = None, allow_nonfinite: bool = False,
+             name: str | None = None) -> QuantizedArray:
     """Quantizes `x` block-wise over its flattened row-major values.
 
     For nf4 and fp4 the codes, absmax (and with `double_quant` the nested codes, scales and
@@ -145,6 +180,10 @@ def quantize(x: jax.Array, fmt: str = "nf4", block_size: int = 64, double_quant:
         its own (e.g. 1 for the `[L, in, out]` kernel of scanned layers).
       compute_dtype: dtype name `dequantize` returns by default (default: float32 on CPU,
         bfloat16 elsewhere).
+      allow_nonfinite: quantize NaN / inf values anyway. By default they are refused (a
+        ValueError with their count): an inf makes its whole block NaN when dequantized
+        (with `double_quant` the whole array), and a NaN comes back as a number.
+      name: what to call `x` in errors (its path in a params tree).
 
     Example:
       >>> w = jax.random.normal(jax.random.key(0), (128, 64))
@@ -156,6 +195,8 @@ def quantize(x: jax.Array, fmt: str = "nf4", block_size: int = 64, double_quant:
     check_block_size(block_size)
     x = jnp.asarray(x)
     _check_float(x)
+    if not allow_nonfinite:
+        check_finite(x, name)
     if not isinstance(stack_axes, int) or not 0 <= stack_axes <= x.ndim:
         raise ValueError(f"stack_axes must be an int in [0, {x.ndim}] for an array of shape "
                          f"{x.shape}, got {stack_axes!r}")

@@ -7,7 +7,12 @@
 2
 """
 
-from lowrank.train.checkpoint import Checkpointer, NotACheckpointDirectory, fingerprint
+from lowrank.train.checkpoint import (
+    Checkpointer,
+    DamagedCheckpoint,
+    NotACheckpointDirectory,
+    fingerprint,
+)
 from lowrank.train.config import default_config, lora_spec
 from lowrank.train.evaluate import evaluate
 from lowrank.train.export import export_adapters, load_adapters
@@ -40,6 +45,7 @@ from lowrank.train.task import Task, default_forward, load_task
 __all__ = [
     "PMAP_AXIS",
     "Checkpointer",
+    "DamagedCheckpoint",
     "MetricsWriter",
     "NonFiniteLoss",
     "NotACheckpointDirectory",

@@ -4,12 +4,17 @@ A step folder holds three items: ``state`` (trainable tree, optimizer state, ste
 ``config`` (the run's config as JSON) and ``meta`` (the LoRA settings, the adapter shapes, and
 the frozen base's source and sha256). The frozen base itself is never written: a resumed run
 must bring the same base, which the hash checks.
+
+A step that cannot be read (a truncated or overwritten file) raises ``DamagedCheckpoint``,
+naming the step and the file; :meth:`Checkpointer.set_aside` moves such a step out of the
+directory (to ``<directory>.damaged/``, never deleting it) so that the previous one is used.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import pathlib
 import re
 from collections.abc import Mapping
@@ -30,6 +35,46 @@ _TMP_DIR = re.compile(r".*\d+\.orbax-checkpoint-tmp.*")
 
 class NotACheckpointDirectory(ValueError):
     """The checkpoint path holds something other than lowrank training checkpoints."""
+
+
+class DamagedCheckpoint(ValueError):
+    """Checkpoint ``step`` cannot be read: ``file`` is truncated, overwritten or missing."""
+
+    def __init__(self, step: int, file: pathlib.Path, error: BaseException):
+        self.step, self.file = step, file
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        super().__init__(f"checkpoint step {step} is damaged: cannot read {file} ({reason})")
+
+
+# The JSON files of a step (orbax's own _CHECKPOINT_METADATA is optional to it), and the
+# files tensorstore names in its errors about the arrays.
+_JSON_FILES = ("config/metadata", "meta/metadata", "state/_METADATA")
+_NAMED_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def damaged_file(step_dir: pathlib.Path, error: BaseException) -> pathlib.Path | None:
+    """The file of ``step_dir`` that ``error`` (raised reading it) comes from, or None when
+    the error is not about a file (a state that does not fit, say).
+
+    >>> import tempfile
+    >>> step = pathlib.Path(tempfile.mkdtemp())
+    >>> (step / "meta").mkdir(); _ = (step / "meta" / "metadata").write_text("{")
+    >>> damaged_file(step, ValueError("Expecting value")).name
+    'metadata'
+    """
+    for name in _JSON_FILES:
+        file = step_dir / name
+        if not file.is_file():
+            return file
+        try:
+            json.loads(file.read_bytes())
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            return file
+    named = _NAMED_FILE.findall(str(error))
+    files = [pathlib.Path(n) for n in named if pathlib.Path(n).is_file()]
+    if files:
+        return files[-1]  # the innermost: "reading X in database Y: reading file Z"
+    return step_dir if named else None
 
 
 def fingerprint(tree: Any) -> str:
@@ -103,14 +148,17 @@ def _check_directory(directory: pathlib.Path) -> None:
             f"{directory} is not a checkpoint directory: it holds {', '.join(foreign[:10])}; "
             + expected
         )
-    for step_dir in directory.iterdir():
-        if _STEP_DIR.fullmatch(step_dir.name):
-            missing = [i for i in ITEMS if not (step_dir / i).is_dir()]
-            if missing:
-                raise NotACheckpointDirectory(
-                    f"{step_dir} is not a lowrank training checkpoint: it lacks "
-                    f"{', '.join(missing)}; {expected}"
-                )
+    steps = {int(d.name): d for d in directory.iterdir() if _STEP_DIR.fullmatch(d.name)}
+    missing = {s: [i for i in ITEMS if not (d / i).is_dir()] for s, d in steps.items()}
+    complete = [s for s, lacks in missing.items() if not lacks]
+    for step, lacks in sorted(missing.items()):
+        # An older step than a complete one, half gone: orbax was deleting it (keep=K) when
+        # the run was killed. It is left for orbax to finish deleting.
+        if lacks and not any(c > step for c in complete):
+            raise NotACheckpointDirectory(
+                f"{steps[step]} is not a lowrank training checkpoint: it lacks "
+                f"{', '.join(lacks)}; {expected}"
+            )
 
 
 class Checkpointer:
@@ -166,17 +214,23 @@ class Checkpointer:
         self._pending = self._worker.submit(self.manager.save, step, args=args, force=True)
 
     def read_meta(self, step: int | None = None) -> dict:
-        """The ``meta`` item of checkpoint ``step`` (default: the latest)."""
+        """The ``meta`` item of checkpoint ``step`` (default: the latest).
+
+        Raises:
+          DamagedCheckpoint: a file of the step cannot be read (named).
+        """
         step = self._step(step)
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return self._read(step, args)["meta"]
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict]:
         """``(state, config, meta)`` of checkpoint ``step`` (default: the latest).
 
         ``abstract_state`` (``jax.eval_shape`` of the state's initialisation) gives the tree
         structure and the static fields (``LoraPair.scale``...) that arrays alone do not hold.
+
+        Raises:
+          DamagedCheckpoint: a file of the step cannot be read (named).
         """
         step = self._step(step)
         args = ocp.args.Composite(
@@ -184,8 +238,32 @@ class Checkpointer:
             config=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore(),
         )
-        got = self.manager.restore(step, args=args)
+        got = self._read(step, args)
         return jax.device_put(got["state"]), got["config"], got["meta"]
+
+    def _read(self, step: int, args: Any) -> Any:
+        try:
+            return self.manager.restore(step, args=args)
+        except Exception as e:
+            file = damaged_file(self.directory / str(step), e)
+            if file is None:
+                raise
+            raise DamagedCheckpoint(step, file, e) from e
+
+    def set_aside(self, step: int) -> pathlib.Path:
+        """Moves step folder ``step`` out of the directory, to
+        ``<directory>.damaged/<step>[.<n>]`` (kept for inspection, never deleted), and
+        returns where it went; the previous step is then the latest.
+        """
+        self._finish_pending()
+        aside = self.directory.with_name(self.directory.name + ".damaged")
+        aside.mkdir(exist_ok=True)
+        target, n = aside / str(step), 1
+        while target.exists():
+            target, n = aside / f"{step}.{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        self.manager.reload()  # orbax caches the steps it found
+        return target
 
     def wait(self) -> None:
         """Blocks until every save in flight is on disk."""

@@ -40,6 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
       checkpoint.keep: how many of the newest checkpoints to keep.
       checkpoint.resume: continue from the newest checkpoint in the workdir if there is one
         (False with checkpoints present is an error, never a silent overwrite).
+      checkpoint.fallback: a checkpoint that cannot be read (a truncated or overwritten file)
+        is moved to ``checkpoints.damaged/`` with a warning naming the step and the file, and
+        the previous one is used; False raises that error instead.
       eval.every: evaluate every this many steps; 0 evaluates only at the end.
       log.every: write the train metrics of every this many steps (checks every step's loss).
       log.tensorboard: also write TensorBoard event files.
@@ -89,7 +92,8 @@ def default_config() -> ml_collections.ConfigDict:
         eps=1e-8,
     ))
     config.parallel = ml_collections.ConfigDict(dict(mode="jit", mesh_shape=(-1, 1)))
-    config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, resume=True))
+    config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, resume=True,
+                                                               fallback=True))
     config.eval = ml_collections.ConfigDict(dict(every=0))
     config.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True))
     config.export_adapters = True

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-from safetensors.flax import load_file, save_file
+from safetensors.flax import save_file
 
 from lowrank import paths
+from lowrank.files import read_json, read_safetensors
 from lowrank.lora import LoraPair, is_pair
 
 FORMAT = "lowrank-adapters"
@@ -74,10 +75,11 @@ def read_index(directory: str | pathlib.Path) -> dict:
             f"{path} does not exist: expected an adapters export ({INDEX} and {WEIGHTS}) "
             "written by lowrank.train.export_adapters"
         )
-    index = json.loads(path.read_text())
-    if index.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a lowrank adapters export: format is "
-                         f"{index.get('format')!r}, expected {FORMAT!r}")
+    index = read_json(path, "an adapters export's index")
+    found = index.get("format") if isinstance(index, dict) else type(index).__name__
+    if found != FORMAT:
+        raise ValueError(f"{path} is not a lowrank adapters export: format is {found!r}, "
+                         f"expected {FORMAT!r}")
     return index
 
 
@@ -89,7 +91,8 @@ def load_adapters(directory: str | pathlib.Path) -> dict:
     [1.0, 1.0]
     """
     index = read_index(directory)
-    arrays: dict[str, Any] = load_file(str(pathlib.Path(directory) / WEIGHTS))
+    arrays: dict[str, Any] = read_safetensors(pathlib.Path(directory) / WEIGHTS,
+                                              "an adapters export's arrays")
     flat: dict[str, Any] = {}
     for p, statics in index["pairs"].items():
         flat[p] = LoraPair(arrays[f"{p}/a"], arrays[f"{p}/b"], **statics)

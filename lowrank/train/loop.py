@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import warnings
 from typing import Any
 
 import jax
@@ -252,19 +253,37 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
 
 
 def _resume(checkpointer, config, abstract: TrainState, meta: dict) -> TrainState | None:
-    """The state of the newest checkpoint (None when there is none), checked to fit."""
+    """The state of the newest intact checkpoint (None when there is none), checked to fit.
+
+    A damaged step is moved aside with a warning and the one before it tried, unless
+    ``config.checkpoint.fallback`` is False: then the damage is raised, naming the file.
+    """
     latest = checkpointer.latest_step()
     if latest is None:
         return None
-    where = f"{checkpointer.directory} (step {latest})"
     if not config.checkpoint.resume:
         raise ValueError(
-            f"{where} holds checkpoints and config.checkpoint.resume is False: use a new "
-            "workdir, or resume"
+            f"{checkpointer.directory} (step {latest}) holds checkpoints and "
+            "config.checkpoint.resume is False: use a new workdir, or resume"
         )
-    diffs = ckpt_lib.differences(checkpointer.read_meta(latest), meta)
+    while latest is not None:
+        try:
+            return _restore_step(checkpointer, latest, abstract, meta)
+        except ckpt_lib.DamagedCheckpoint as e:
+            if not config.checkpoint.fallback:
+                raise
+            aside = checkpointer.set_aside(latest)
+            latest = checkpointer.latest_step()
+            then = f"resuming from step {latest}" if latest is not None else "starting afresh"
+            warnings.warn(f"{e}; moved it to {aside} and {then} (config.checkpoint.fallback="
+                          "False refuses instead)", stacklevel=3)
+    return None
+
+
+def _restore_step(checkpointer, step: int, abstract: TrainState, meta: dict) -> TrainState:
+    diffs = ckpt_lib.differences(checkpointer.read_meta(step), meta)
     if diffs:
-        raise ValueError(f"cannot resume from {where}: this run differs from it:\n  "
-                         + "\n  ".join(diffs))
-    restored, _, _ = checkpointer.restore(abstract, latest)
+        raise ValueError(f"cannot resume from {checkpointer.directory} (step {step}): this run "
+                         "differs from it:\n  " + "\n  ".join(diffs))
+    restored, _, _ = checkpointer.restore(abstract, step)
     return restored

@@ -51,13 +51,15 @@ class MetricsWriter:
         self.directory = pathlib.Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / JSONL
-        if start_step and path.exists():
+        # Also at step 0: a run killed before its first checkpoint left records too.
+        earlier = path.exists()
+        if earlier:
             _drop_after(path, start_step)
         self._jsonl = path.open("a")
         self._tb = None
         if tensorboard:
             self._tb = SummaryWriter(str(self.directory / TENSORBOARD),
-                                     purge_step=start_step + 1 if start_step else None)
+                                     purge_step=start_step + 1 if earlier else None)
 
     def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         """Records ``scalars`` (plain numbers) at ``step``."""
