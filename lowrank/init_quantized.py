@@ -97,6 +97,8 @@ def init(key: jax.Array, params: Mapping, spec: LoraSpec, *, quant: QuantSpec | 
     """
     if quant is not None and not isinstance(quant, QuantSpec):
         raise TypeError(f"quant must be a QuantSpec or None, got {type(quant).__name__}")
+    if allow_nonfinite and quant is not None:
+        quant = dataclasses.replace(quant, allow_nonfinite=True)
     if spec.init == "loftq" and quant is None:
         raise ValueError("LoraSpec(init='loftq') fits the adapters to a quantization error: "
                          "pass quant=QuantSpec(...)")

@@ -243,3 +243,14 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="num_attention_heads=6 is not a multiple of "
                                          "num_key_value_heads=4"):
         models.LlamaConfig(hidden_size=24, num_attention_heads=6, num_key_value_heads=4)
+
+
+def test_an_invalid_config_or_index_names_its_file(tmp_path):
+    d = copy_fixture(tmp_path, "tiny_llama")
+    (d / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ValueError, match=f"{d / 'config.json'} is not valid JSON"):
+        models.from_pretrained(d)
+    d = copy_fixture(tmp_path / "b", "tiny_llama")
+    (d / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not a safetensors index"):
+        models.from_pretrained(d)

@@ -26,6 +26,8 @@ import ml_dtypes
 import numpy as np
 import safetensors
 
+from lowrank.files import BadFileError, read_json
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -53,12 +55,9 @@ def read_config(directory: str | Path) -> dict:
             f"{file} does not exist: a Hugging Face model directory holds config.json and "
             f"{SINGLE_FILE} (or {INDEX_FILE} with its shards)"
         )
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    config = read_json(file, "a Hugging Face model config")
     if not isinstance(config, dict):
-        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object")
+        raise BadFileError(f"{file} holds a JSON {type(config).__name__}, not an object")
     return config
 
 
@@ -77,11 +76,11 @@ class Checkpoint:
         self.directory = directory = Path(directory)
         index_file = directory / INDEX_FILE
         if index_file.is_file():
-            try:
-                weight_map = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index_file} is not a safetensors index (a JSON object "
-                                 f"with a 'weight_map'): {type(e).__name__}: {e}") from None
+            index = read_json(index_file, "a safetensors index")
+            if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+                raise BadFileError(f"{index_file} is not a safetensors index: no "
+                                   "'weight_map' object")
+            weight_map = index["weight_map"]
             self._file_of = {k: directory / f for k, f in weight_map.items()}
         elif (directory / SINGLE_FILE).is_file():
             self._file_of = None
@@ -112,7 +111,7 @@ class Checkpoint:
                         for k in f.keys()
                     }
             except safetensors.SafetensorError as e:
-                raise ValueError(f"{file} is not a readable safetensors file (damaged or "
+                raise BadFileError(f"{file} is not a readable safetensors file (damaged or "
                                  f"truncated?){wanted}: {e}") from None
         return self._headers[file]
 
@@ -149,7 +148,7 @@ class Checkpoint:
             with safetensors.safe_open(str(file), framework="numpy") as f:
                 return f.get_tensor(key)
         except (safetensors.SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{file}: cannot read tensor {key!r} (damaged or truncated "
+            raise BadFileError(f"{file}: cannot read tensor {key!r} (damaged or truncated "
                              f"file?): {e}") from None
 
     def close(self) -> None:

@@ -91,7 +91,8 @@ def quantized_leaf(path: str, tensor: Any, spec: QuantSpec, layout: Layout, dtyp
     """
     kernel = is_kernel(path)
     shape = tuple(tensor.shape[::-1]) if kernel else tuple(tensor.shape)
-    quant_spec = dataclasses.replace(spec, targets=".*", exclude=None, extra=None, stacked=None)
+    quant_spec = dataclasses.replace(spec, targets=".*", exclude=None, extra=None, stacked=None,
+                                     allow_nonfinite=False)
     if kernel and tensor.ndim == 2 and layout.perm == (1, 0):
         # The Linear weight [out, in] is already the stored layout: quantized flat, kernels
         # of one size share one compiled step (gate, up and down projections do).
@@ -99,10 +100,11 @@ def quantized_leaf(path: str, tensor: Any, spec: QuantSpec, layout: Layout, dtyp
     else:
         perm = layout.perm
     tensor = jax.device_put(tensor, device)
-    nonfinite = int(_count_nonfinite(tensor))
+    nonfinite = 0 if spec.allow_nonfinite else int(_count_nonfinite(tensor))
     if nonfinite:
         raise ValueError(f"cannot quantize {path!r}: {nonfinite} of its "
-                         f"{math.prod(shape)} values are not finite")
+                         f"{math.prod(shape)} values are not finite (fix the checkpoint, or "
+                         "pass QuantSpec(allow_nonfinite=True) to store them anyway)")
     leaves = _convert(tensor, kernel, perm, jnp.dtype(dtype), quant_spec)
     del tensor
     codes, absmax, scale, offset = leaves

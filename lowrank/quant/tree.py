@@ -51,6 +51,7 @@ class QuantSpec:
       stacked: regex of kernels that carry one leading stack axis (`nn.scan`-ned layers,
         `[L, in, out]`), quantized per layer.
       compute_dtype: dtype name `dequantize` returns (None: float32 on CPU, else bfloat16).
+      allow_nonfinite: quantize NaN / inf weights anyway (by default refused, naming the path).
 
     Example:
       >>> QuantSpec("nf4", block_size=64, double_quant=True).fmt
@@ -65,6 +66,7 @@ class QuantSpec:
     extra: str | None = None
     stacked: str | None = None
     compute_dtype: str | None = None
+    allow_nonfinite: bool = False
 
     def __post_init__(self):
         get_format(self.fmt)
@@ -208,7 +210,8 @@ def quantize_leaf(path: str, leaf: jax.Array, spec: QuantSpec, layout: Layout) -
         raise TypeError(f"cannot quantize {path!r}: dtype {jnp.result_type(leaf)} is not a "
                         "float dtype; exclude it from QuantSpec.targets / extra")
     return quantize(leaf, spec.fmt, spec.block_size, spec.double_quant, perm=layout.perm,
-                    stack_axes=layout.stack_axes, compute_dtype=spec.compute_dtype)
+                    stack_axes=layout.stack_axes, compute_dtype=spec.compute_dtype,
+                    allow_nonfinite=spec.allow_nonfinite, name=path)
 
 
 def dequantize_tree(tree: Any, dtype: Any = None) -> Any:
