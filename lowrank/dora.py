@@ -36,7 +36,7 @@ from flax import struct
 from lowrank import quant
 from lowrank.layer_call import LayerCall
 from lowrank.lora import LoRA, LoraPair
-from lowrank.method import Method, Target, register_adapter, register_method
+from lowrank.method import Method, Target, register
 
 
 def _contract_axes(leaf: LoraPair, weight_ndim: int) -> tuple[int, ...]:
@@ -114,7 +114,6 @@ class DoRA(LoRA):
                          "direction they replaced is not recoverable from it")
 
 
-@register_adapter
 @struct.dataclass
 class DoraPair(LoraPair):
     """A ``LoraPair`` plus ``magnitude``, one trainable value per output unit (the kernel's
@@ -131,4 +130,4 @@ class DoraPair(LoraPair):
     kind: ClassVar[str] = "dora"
 
 
-register_method(DoRA)
+register(DoRA, DoraPair)

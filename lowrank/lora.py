@@ -22,7 +22,7 @@ from flax import struct
 
 from lowrank.layer_call import LayerCall
 from lowrank.layers import MATRIX, Factorization
-from lowrank.method import Adapter, Method, Target, register_adapter, register_method
+from lowrank.method import Adapter, Method, Target, register
 from lowrank.spec import INITS
 
 
@@ -133,7 +133,6 @@ class LoRA(Method):
         return merged - leaf.delta(merged.dtype)
 
 
-@register_adapter
 @struct.dataclass
 class LoraPair(Adapter):
     """A low-rank update ``scale * einsum(equation, a, b)`` of one weight.
@@ -174,4 +173,4 @@ class LoraPair(Adapter):
         return {"scale": self.scale, "equation": self.equation, "dropout": self.dropout}
 
 
-register_method(LoRA)
+register(LoRA, LoraPair)

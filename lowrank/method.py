@@ -72,6 +72,7 @@ class Method:
     """
 
     name: ClassVar[str] = "method"
+    leaf: ClassVar[type]  # the Adapter class its init makes (set by `register`)
 
     def init(self, key: jax.Array, target: Target) -> Adapter:
         raise NotImplementedError
@@ -141,26 +142,6 @@ class Adapter:
         return cls(**arrays, **statics)
 
 
-_KINDS: dict[str, type[Adapter]] = {}
-
-
-def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    """Class decorator: makes an adapter leaf class loadable by its ``kind`` name.
-
-    >>> adapter_class("lora").__name__
-    'LoraPair'
-    """
-    _KINDS[cls.kind] = cls
-    return cls
-
-
-def adapter_class(kind: str) -> type[Adapter]:
-    """The leaf class an export names by ``kind``."""
-    if kind not in _KINDS:
-        raise ValueError(f"unknown adapter kind {kind!r}; known: {sorted(_KINDS)}")
-    return _KINDS[kind]
-
-
 def is_adapter(x: Any) -> bool:
     """Whether ``x`` is an adapter leaf (as opposed to a full-rank trained array)."""
     return isinstance(x, Adapter)
@@ -169,14 +150,18 @@ def is_adapter(x: Any) -> bool:
 _METHODS: dict[str, type[Method]] = {}
 
 
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: makes a method selectable by name (``LoraSpec(method=...)``).
+def register(method: type[Method], leaf: type[Adapter]) -> None:
+    """Makes ``method`` selectable by its name (``LoraSpec(method=...)``) and its leaves
+    loadable by their kind, the same name (exports record it).
 
-    >>> method_class("lora").__name__
-    'LoRA'
+    >>> method_class("lora").__name__, adapter_class("lora").__name__
+    ('LoRA', 'LoraPair')
     """
-    _METHODS[cls.name] = cls
-    return cls
+    if leaf.kind != method.name or leaf.method is not method:
+        raise ValueError(f"{leaf.__name__} (kind {leaf.kind!r}) is not the leaf of "
+                         f"{method.__name__} ({method.name!r})")
+    method.leaf = leaf
+    _METHODS[method.name] = method
 
 
 def method_class(name: str) -> type[Method]:
@@ -184,6 +169,11 @@ def method_class(name: str) -> type[Method]:
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; known: {sorted(_METHODS)}")
     return _METHODS[name]
+
+
+def adapter_class(kind: str) -> type[Adapter]:
+    """The leaf class of the method named ``kind`` (what an export records)."""
+    return method_class(kind).leaf
 
 
 def method_names() -> tuple[str, ...]:
