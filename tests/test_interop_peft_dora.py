@@ -1,8 +1,9 @@
 """DoRA adapters in PEFT files (``use_dora``, ``lora_magnitude_vector``), both ways.
 
-No torch here: the file layout is checked against PEFT's documented names and shapes
-(``tuners/lora/dora.py`` and ``utils/save_and_load.py``: the magnitude is saved as
-``<module>.lora_magnitude_vector`` without ``.weight``, one value per output feature).
+Against outputs PEFT computed in torch (no torch here): fixtures in tests/fixtures/dora/, from
+scripts/fixtures/make_dora_fixtures.py (PEFT 0.21.2, versions.json): DoRA over the float tiny
+Llama and QDoRA over the nf4 + double-quantized Llama-64 made by PEFT, and an adapter trained
+here that PEFT loaded.
 """
 
 import json
@@ -16,17 +17,54 @@ from safetensors.numpy import load_file, save_file
 
 import lowrank as lr
 from lowrank import models, paths
-from lowrank.interop import peft
+from lowrank.interop import bnb, peft
 
 HF = Path(__file__).parent / "fixtures" / "hf"
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
+DORA = Path(__file__).parent / "fixtures" / "dora"
+OUTPUTS = load_file(str(DORA / "outputs.safetensors"))
+INTEROP_OUTPUTS = load_file(str(FIXTURES / "outputs.safetensors"))
 ALL_LLAMA = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
-INPUTS = load_file(str(HF / "tiny_llama_reference.safetensors"))["input_ids"]
+REFERENCE = load_file(str(HF / "tiny_llama_reference.safetensors"))
+INPUTS = REFERENCE["input_ids"]
+MASKED = (REFERENCE["input_ids"], REFERENCE["attention_mask"])
 
 
 @pytest.fixture(scope="module")
 def llama():
     return models.from_pretrained(HF / "tiny_llama")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_peft_dora_adapter_gives_peft_outputs(scan):
+    # rank 2 on every down_proj, 4 elsewhere: each weight's layers share theirs, so a
+    # scanned stack holds the adapter as well
+    model, params = models.from_pretrained(HF / "tiny_llama", scan_layers=scan)
+    spec, adapters = peft.load(DORA / "theirs_dora_llama", params, model)
+    assert spec.method == "dora"
+    out = np.asarray(jax.jit(lambda a: lr.apply(model, params, a, *MASKED))(adapters))
+    np.testing.assert_allclose(out, OUTPUTS["theirs_dora_llama"], atol=1e-5, rtol=0)
+    # the magnitudes matter: the same A and B as plain LoRA give other outputs
+    is_dora = lambda x: isinstance(x, lr.DoraPair)  # noqa: E731
+    lora = jax.tree.map(lambda x: lr.LoraPair(x.a, x.b, scale=x.scale), adapters,
+                        is_leaf=is_dora)
+    assert np.abs(np.asarray(lr.apply(model, params, lora, *MASKED)) - out).max() > 1e-3
+
+
+def test_peft_qdora_adapter_over_bitsandbytes_nf4_gives_peft_outputs():
+    model, frozen = bnb.load(FIXTURES / "llama64_nf4")
+    inputs = (INTEROP_OUTPUTS["llama64/input_ids"], INTEROP_OUTPUTS["llama64/attention_mask"])
+    _, adapters = peft.load(DORA / "theirs_qdora_llama64_nf4", frozen, model)
+    out = np.asarray(jax.jit(lambda f, a: lr.apply(model, f, a, *inputs))(frozen, adapters))
+    np.testing.assert_allclose(out, OUTPUTS["theirs_qdora_llama64_nf4"], atol=1e-5, rtol=0)
+    assert np.abs(out - INTEROP_OUTPUTS["llama64_nf4"]).max() > 1e-2  # the adapter matters
+
+
+def test_our_dora_adapter_gives_the_outputs_peft_computed_from_it():
+    model, params = models.from_pretrained(HF / "tiny_llama", scan_layers=True)
+    _, adapters = peft.load(DORA / "ours_dora_llama", params, model)
+    out = np.asarray(jax.jit(lambda a: lr.apply(model, params, a, *MASKED))(adapters))
+    np.testing.assert_allclose(out, OUTPUTS["ours_dora_llama"], atol=1e-5, rtol=0)
 
 
 def _trained_dora(params, spec):
