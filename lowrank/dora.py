@@ -2,9 +2,10 @@
 
 The adapted weight is ``m * (W + s A B) / ||W + s A B||``: a trainable magnitude ``m`` per
 output unit (initialised to the norm of W over its input axes, so training starts at W) times
-the LoRA-updated direction. The norm is taken of the dense ``W + s A B`` and detached from the
-gradient (the paper's section 4.3), and the output is computed in factored form, never as
-``x (W + s A B)``:
+the LoRA-updated direction. The norm is detached from the gradient (the paper's section 4.3)
+and computed from ``W``, ``A^T W`` and ``A^T A`` (PEFT forms ``W + s B A``; the value is the
+same, without a second kernel-sized temporary), and the output is computed in factored form,
+never as ``x (W + s A B)``:
 
     y = x W + b + (g - 1) * (x W) + g * s (x A) B,     g = m / ||W + s A B||
 
@@ -35,6 +36,7 @@ from flax import struct
 
 from lowrank import quant
 from lowrank.layer_call import LayerCall
+from lowrank.layers import RANK_LABEL
 from lowrank.lora import LoRA, LoraPair
 from lowrank.method import Method, Target, register
 
@@ -43,6 +45,36 @@ def _contract_axes(leaf: LoraPair, weight_ndim: int) -> tuple[int, ...]:
     f = leaf.factorization
     n_lead = weight_ndim - f.ndim
     return tuple(n_lead + i for i in f.contract)
+
+
+def updated_norm(weight: jax.Array, leaf: LoraPair) -> jax.Array:
+    """``||W + s A B||`` over the kernel's input axes, one value per output unit (the other
+    axes in kernel order, after any leading stack axes), in float32, never forming ``A B``:
+
+        ||W + s A B||^2 = ||W||^2 + 2 s <A^T W, B> + s^2 <B, (A^T A) B>
+
+    per output unit, so the only kernel-sized array is ``W`` itself (dequantized, for QDoRA).
+
+    >>> w = jnp.array([[3.0, 0.0], [4.0, 1.0]])
+    >>> leaf = LoraPair(jnp.ones((2, 1)), jnp.array([[1.0, -1.0]]), scale=1.0)
+    >>> [round(v, 4) for v in updated_norm(w, leaf).tolist()]  # columns of [[4, -1], [5, 0]]
+    [6.4031, 1.0]
+    """
+    lhs, kernel = leaf.equation.replace("...", "").split("->")
+    a_labels, b_labels = lhs.split(",")
+    kept = "".join(c for c in kernel if c in b_labels)  # batch and output axes, kernel order
+    pair_labels = "".join(c for c in a_labels if c in b_labels)  # batch axes and the rank
+    other = next(c for c in "yxwvu" if c not in kernel + lhs)  # a second rank label
+    a2, b2 = a_labels.replace(RANK_LABEL, other), b_labels.replace(RANK_LABEL, other)
+    w = weight.astype(jnp.float32)
+    a, b = leaf.a.astype(jnp.float32), leaf.b.astype(jnp.float32)
+    ww = jnp.einsum(f"...{kernel},...{kernel}->...{kept}", w, w)
+    wa = jnp.einsum(f"...{kernel},...{a_labels}->...{b_labels}", w, a)  # A^T W: [.., r, out]
+    cross = jnp.einsum(f"...{b_labels},...{b_labels}->...{kept}", wa, b)
+    gram = jnp.einsum(f"...{a_labels},...{a2}->...{pair_labels}{other}", a, a)
+    bb = jnp.einsum(f"...{b_labels},...{pair_labels}{other},...{b2}->...{kept}", b, gram, b)
+    s = leaf.scale
+    return jnp.sqrt(jnp.maximum(ww + 2 * s * cross + s * s * bb, 0.0))
 
 
 def column_norm(weight: jax.Array, contract: tuple[int, ...]) -> jax.Array:
@@ -84,8 +116,7 @@ class DoRA(LoRA):
     @classmethod
     def norm_scale(cls, weight: jax.Array, leaf: DoraPair) -> jax.Array:
         """``m / ||W + s A B||`` per output unit, the norm detached from the gradient."""
-        contract = _contract_axes(leaf, weight.ndim)
-        norm = column_norm(weight + jax.lax.stop_gradient(leaf.delta(jnp.float32)), contract)
+        norm = updated_norm(weight, jax.lax.stop_gradient(leaf))
         return leaf.magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
 
     @classmethod
