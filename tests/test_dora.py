@@ -307,3 +307,31 @@ def test_qdora_backward_keeps_no_dequantized_kernels():
     small, large = temp_bytes(4), temp_bytes(8)
     assert large - small < kernel / 2  # nothing kernel-sized per layer
     assert large < 8 * kernel / 2
+
+
+def test_stacked_dora_members_equal_their_own_runs():
+    # Ranks and scales differ (the stack pads B and A and multiplies B by each member's
+    # scale); the magnitudes are stacked as they are.
+    from lowrank import stack
+    from lowrank.train import default_config, load_task, train
+
+    def config(seed, rank, alpha):
+        c = default_config()
+        c.steps, c.batch_size, c.quiet, c.seed = 3, 8, True, seed
+        c.lora.targets, c.lora.method, c.lora.rank, c.lora.alpha = r"hidden_\d+/kernel", \
+            "dora", rank, alpha
+        return c
+
+    configs = [config(0, 2, 4.0), config(1, 4, 4.0)]
+    task = load_task(configs[0])
+    stacked = stack.train_stacked(configs, task)
+    for s, c in zip(stacked, configs, strict=True):
+        alone = train(c, task)
+        assert isinstance(s.trainable["hidden_0"]["kernel"], lr.DoraPair)
+        assert jax.tree.structure(s.trainable) == jax.tree.structure(alone.trainable)
+        for u, v in zip(jax.tree.leaves(s.trainable), jax.tree.leaves(alone.trainable),
+                        strict=True):
+            np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+        magnitude = s.trainable["hidden_0"]["kernel"].magnitude
+        start = np.linalg.norm(task.params["hidden_0"]["kernel"], axis=0)
+        assert np.abs(np.asarray(magnitude) - start).max() > 1e-4  # it trained
