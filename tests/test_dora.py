@@ -335,3 +335,18 @@ def test_stacked_dora_members_equal_their_own_runs():
         magnitude = s.trainable["hidden_0"]["kernel"].magnitude
         start = np.linalg.norm(task.params["hidden_0"]["kernel"], axis=0)
         assert np.abs(np.asarray(magnitude) - start).max() > 1e-4  # it trained
+
+
+def test_dora_on_an_embedding_is_refused_by_name():
+    class Embedder(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Embed(20, 8, name="embed")(ids)
+
+    model, ids = Embedder(), jnp.array([[1, 2, 3]])
+    params = model.init(jax.random.key(0), ids)["params"]
+    adapters = lr.init_adapters(jax.random.key(1), params,
+                                lr.LoraSpec(rank=2, targets=r".*embedding", method="dora"))
+    with pytest.raises(lr.UnsupportedLayer, match="'embed/embedding': Embed.__call__ has no "
+                                                  "per-output-unit form"):
+        lr.apply(model, params, adapters, ids)
