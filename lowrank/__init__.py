@@ -25,6 +25,7 @@ from lowrank.quant import (
     quantize_tree,
 )
 from lowrank.spec import LoraSpec
+from lowrank.vera import VeRA, VeraAdapter
 
 __all__ = [
     "FORMATS",
@@ -54,4 +55,6 @@ __all__ = [
     "quantize",
     "quantize_tree",
     "unmerge",
+    "VeRA",
+    "VeraAdapter",
 ]

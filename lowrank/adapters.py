@@ -101,8 +101,12 @@ def init_adapters(
     """
     flat = paths.flatten(paths.params_of(params))
     out: dict[str, Any] = {}
-    for p in _validate_targets(flat, spec):
-        out[p] = spec.method_for(p).init(_path_key(key, p), target_of(p, flat[p], layouts))
+    targets = {p: target_of(p, flat[p], layouts) for p in _validate_targets(flat, spec)}
+    methods = {p: spec.method_for(p) for p in targets}
+    prepared = {m: m.prepare([targets[p] for p in targets if methods[p] == m])
+                for m in dict.fromkeys(methods.values())}
+    for p, target in targets.items():
+        out[p] = prepared[methods[p]].init(_path_key(key, p), target)
     if spec.trainable is not None:
         extra = [p for p in paths.select(list(flat), spec.trainable) if p not in out]
         if not extra:

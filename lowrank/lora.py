@@ -65,6 +65,11 @@ class LoRA(Method):
             raise ValueError(f"{type(self).__name__}.a_init {self.a_init!r} is not one of "
                              f"{INITS}")
 
+    @classmethod
+    def from_spec(cls, spec: Any, path: str) -> LoRA:
+        return cls(rank=spec.rank_for(path), alpha=spec.alpha_for(path), dropout=spec.dropout,
+                   a_init=spec.init, rslora=spec.rslora)
+
     @property
     def scale(self) -> float:
         return float(self.alpha) / (math.sqrt(self.rank) if self.rslora else self.rank)

@@ -74,6 +74,16 @@ class Method:
     name: ClassVar[str] = "method"
     leaf: ClassVar[type]  # the Adapter class its init makes (set by `register`)
 
+    @classmethod
+    def from_spec(cls, spec: Any, path: str) -> Method:
+        """The method for ``path`` from a ``LoraSpec``'s fields (``LoraSpec(method=name)``)."""
+        raise NotImplementedError
+
+    def prepare(self, targets: list[Target]) -> Method:
+        """This method configured for all the targets it adapts, before any ``init`` (a
+        method that shares state across weights sizes it here); by default itself."""
+        return self
+
     def init(self, key: jax.Array, target: Target) -> Adapter:
         raise NotImplementedError
 

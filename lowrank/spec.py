@@ -55,9 +55,10 @@ class LoraSpec:
       trainable: regex of extra full-rank leaves to train as they are (a classifier head,
         biases, norms).
       loftq_iters: alternating steps of the LoftQ initialisation.
-      method: the method of every target no rule claims: "lora", or "dora" (DoRA, Liu et
-        al. 2024: LoRA plus a trainable magnitude per output unit), built from the fields
-        above (rank, alpha, dropout, init, rslora).
+      method: the method of every target no rule claims: "lora", "dora" (DoRA, Liu et
+        al. 2024: LoRA plus a trainable magnitude per output unit) or "vera" (VeRA, Kopiczko
+        et al. 2024: shared frozen projections, two trainable vectors), built from the fields
+        above by the method's ``from_spec`` (VeRA takes rank and dropout).
       rules: ordered ``(regex, method object)`` pairs, first match wins, choosing the method
         per target (``[(r".*attention.*", LoRA(rank=8)), (r".*mlp.*", DoRA(rank=4))]``);
         each must match some target. ``targets`` still says which weights are adapted.
@@ -143,9 +144,7 @@ class LoraSpec:
         rule = paths.first_match(path, self.rules, None)
         if rule is not None:
             return rule
-        return method_class(self.method)(
-            rank=self.rank_for(path), alpha=self.alpha_for(path), dropout=self.dropout,
-            a_init=self.init, rslora=self.rslora)
+        return method_class(self.method).from_spec(self, path)
 
     def scale_for(self, rank: int, alpha: float | None = None) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.

@@ -143,6 +143,9 @@ def _union_pair(path: str, pairs: Sequence[LoraPair]) -> tuple[LoraPair, bool]:
     if len(kinds) > 1:
         raise ValueError(f"members' adapters at {path!r} use different methods "
                          f"{sorted(kinds)}; stack them separately")
+    if not {"a", "b"} <= set(pairs[0].arrays()):  # the rank padding is of A and B
+        raise ValueError(f"members' adapters at {path!r} are {pairs[0].kind} adapters, which "
+                         "cannot be stacked (stacks pad the rank of LoRA-family A and B)")
     for field in ("equation", "dropout"):
         values = {getattr(pair, field) for pair in pairs}
         if len(values) > 1:
