@@ -1,7 +1,8 @@
 """One training step of each adapter method relative to LoRA at the same rank.
 
 The pre-LN transformer of ``lora_vs_full.py`` (every Dense adapted), a float32 base and an nf4
-base: LoRA, DoRA (what its per-step weight norm costs), QLoRA and QDoRA. The steps are timed
+base: LoRA, DoRA (what its per-step weight norm costs), VeRA (its projections regenerated in
+the step), QLoRA and QDoRA. The steps are timed
 alternately (one of each per round) so the machine's noise hits them alike; medians over
 rounds, each method's median divided by LoRA's (QLoRA's for the quantized pair).
 
@@ -55,7 +56,8 @@ def main():
     nf4 = lr.quantize_tree(params, lr.QuantSpec("nf4", double_quant=True))
     runs = {}
     for name, base, method in (("LoRA", params, "lora"), ("DoRA", params, "dora"),
-                               ("QLoRA", nf4, "lora"), ("QDoRA", nf4, "dora")):
+                               ("VeRA", params, "vera"), ("QLoRA", nf4, "lora"),
+                               ("QDoRA", nf4, "dora")):
         spec = lr.LoraSpec(rank=args.rank, targets=".*kernel", method=method)
         runs[name] = make_step(model, base, x, y, spec)
     states = {name: state for name, (_, state) in runs.items()}
@@ -70,7 +72,7 @@ def main():
           f"{jax.device_count()} x {jax.devices()[0].platform}, jax {jax.__version__}")
     print(f"model: {args.layers} layers, d={args.d}, batch {args.batch} x {args.tokens} tokens, "
           f"float32 compute, r={args.rank} on every Dense, {args.rounds} rounds")
-    for name, ref in (("LoRA", "LoRA"), ("DoRA", "LoRA"), ("QLoRA", "LoRA"),
+    for name, ref in (("LoRA", "LoRA"), ("DoRA", "LoRA"), ("VeRA", "LoRA"), ("QLoRA", "LoRA"),
                       ("QDoRA", "QLoRA")):
         ratio = np.median(np.array(times[name]) / np.array(times[ref]))
         print(f"{name:6s} step: median {med[name] * 1e3:8.1f} ms   / {ref}: "

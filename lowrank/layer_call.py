@@ -36,6 +36,17 @@ class LayerCall:
       run: ``run(args) -> output``: the layer itself on ``args`` (its bias included),
         dequantizing a quantized weight on the fly.
       dropout_active: whether adapter dropout is on (training).
+
+    A method that scales LoRA's update by a trainable vector per output unit, on any layer
+    type with output units, in a few lines (its leaf and ``register`` omitted):
+
+    >>> from lowrank.lora import LoRA
+    >>> class ScaledLoRA(LoRA):
+    ...     @classmethod
+    ...     def apply(cls, call, leaf):
+    ...         base = call.base()
+    ...         update = cls.update(call, leaf, base.dtype)
+    ...         return base + call.per_output(leaf.gain) * update
     """
 
     module: Any
