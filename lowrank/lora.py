@@ -129,14 +129,6 @@ class LoRA(Method):
         base = call.base()
         return base + cls.update(call, leaf, base.dtype)
 
-    @classmethod
-    def merge(cls, weight: jax.Array, leaf: LoraPair) -> jax.Array:
-        return weight + leaf.delta(weight.dtype)
-
-    @classmethod
-    def unmerge(cls, merged: jax.Array, leaf: LoraPair) -> jax.Array:
-        return merged - leaf.delta(merged.dtype)
-
 
 @struct.dataclass
 class LoraPair(Adapter):

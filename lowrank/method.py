@@ -93,11 +93,13 @@ class Method:
 
     @classmethod
     def merge(cls, weight: jax.Array, leaf: Adapter) -> jax.Array:
-        raise NotImplementedError
+        """An additive update by default: ``W + leaf.delta()``."""
+        return weight + leaf.delta(weight.dtype)
 
     @classmethod
     def unmerge(cls, merged: jax.Array, leaf: Adapter) -> jax.Array:
-        raise ValueError(f"{cls.name} updates cannot be taken back out of a merged weight")
+        """The inverse of the default :meth:`merge`: ``W' - leaf.delta()``."""
+        return merged - leaf.delta(merged.dtype)
 
 
 class Adapter:

@@ -128,14 +128,6 @@ class VeRA(Method):
         a, b = cls.factors(leaf, base.dtype)
         return base + call.low_rank(a, b, 1.0, dropout=leaf.dropout).astype(base.dtype)
 
-    @classmethod
-    def merge(cls, weight: jax.Array, leaf: VeraAdapter) -> jax.Array:
-        return weight + leaf.delta(weight.dtype)
-
-    @classmethod
-    def unmerge(cls, merged: jax.Array, leaf: VeraAdapter) -> jax.Array:
-        return merged - leaf.delta(merged.dtype)
-
 
 @struct.dataclass
 class VeraAdapter(Adapter):
