@@ -5,11 +5,14 @@
 """
 
 from lowrank import optim
+from lowrank.adapters import init_adapters, merge, unmerge
+from lowrank.dora import DoRA, DoraPair
 from lowrank.init_quantized import init
 from lowrank.intercept import apply, combine
 from lowrank.layers import Factorization, UnsupportedLayer
 from lowrank.layouts import discover_layouts
-from lowrank.lora import LoraPair, init_adapters, merge, unmerge
+from lowrank.lora import LoRA, LoraPair
+from lowrank.method import Adapter, Method, is_adapter
 from lowrank.quant import (
     FORMATS,
     QuantizedArray,
@@ -22,11 +25,17 @@ from lowrank.quant import (
     quantize_tree,
 )
 from lowrank.spec import LoraSpec
+from lowrank.vera import VeRA, VeraAdapter
 
 __all__ = [
     "FORMATS",
+    "Adapter",
+    "DoRA",
+    "DoraPair",
     "Factorization",
+    "LoRA",
     "LoraPair",
+    "Method",
     "LoraSpec",
     "QuantSpec",
     "QuantizedArray",
@@ -38,6 +47,7 @@ __all__ = [
     "discover_layouts",
     "init",
     "init_adapters",
+    "is_adapter",
     "is_quantized",
     "memory_report",
     "merge",
@@ -45,4 +55,6 @@ __all__ = [
     "quantize",
     "quantize_tree",
     "unmerge",
+    "VeRA",
+    "VeraAdapter",
 ]

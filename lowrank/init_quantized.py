@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from lowrank import paths
-from lowrank.lora import LoraPair, init_adapters, is_pair
+from lowrank.adapters import init_adapters
+from lowrank.lora import LoraPair
+from lowrank.method import is_adapter
 from lowrank.quant import dequantize, quantize_tree
 from lowrank.quant.array import check_finite
 from lowrank.quant.tree import QuantSpec, layout_for, quantize_leaf
@@ -90,7 +92,7 @@ def init(key: jax.Array, params: Mapping, spec: LoraSpec, *, quant: QuantSpec | 
     Example:
       >>> params = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (64, 32))}}
       >>> frozen, adapters = init(jax.random.key(1), params, LoraSpec(rank=4, init="pissa"))
-      >>> from lowrank.lora import merge
+      >>> from lowrank.adapters import merge
       >>> merged = merge(frozen, adapters)["fc"]["kernel"]
       >>> bool(jnp.allclose(merged, params["fc"]["kernel"], atol=1e-5))
       True
@@ -113,7 +115,7 @@ def init(key: jax.Array, params: Mapping, spec: LoraSpec, *, quant: QuantSpec | 
                                             layouts=layouts))
     adapters: dict[str, Any] = {}
     for path, leaf in templates.items():
-        if not is_pair(leaf):  # a full-rank trainable leaf
+        if not is_adapter(leaf):  # a full-rank trainable leaf
             adapters[path] = leaf
             continue
         kernel = jnp.asarray(flat[path])

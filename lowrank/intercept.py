@@ -3,9 +3,10 @@
 The adapters ride inside the ``params`` collection, as a sibling entry next to the weight they
 adapt (``kernel`` -> ``kernel@lora``). That way every lifted transform of the user's model
 (``nn.scan``, ``nn.remat``, ``nn.vmap``) slices and routes them exactly like the weight itself,
-and ``flax.linen.intercept_methods`` (the public hook) adds ``s * (x A) B`` to the output of
-each adapted layer. Quantized weights are dequantized right where the layer runs, inside
-whatever jit the caller traces, so no dequantized copy outlives the step.
+and ``flax.linen.intercept_methods`` (the public hook) hands each adapted layer's call to its
+leaf's method (``leaf.method.apply``), which knows what to compute; this module knows no
+method. Quantized weights are dequantized right where the layer runs, inside whatever jit the
+caller traces, so no dequantized copy outlives the step.
 """
 
 from __future__ import annotations
@@ -15,21 +16,20 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from lowrank import layers, paths, quant
-from lowrank.lora import check_fits, is_pair
+from lowrank.adapters import check_fits
+from lowrank.layer_call import DROPOUT_STREAM, LayerCall
+from lowrank.method import is_adapter
 
 LORA_SUFFIX = "@lora"
-# Adapter dropout draws from the model's own "dropout" stream: user models split that stream
-# across nn.scan iterations (a stream the scan does not list never reaches its body).
-DROPOUT_STREAM = "dropout"
 
 
 def combine(frozen: Mapping, adapters: Mapping) -> dict:
     """The params tree the intercepted model runs on: frozen weights, trained leaves swapped
-    in, and each ``LoraPair`` placed beside its weight under ``<name>@lora``.
+    in, and each adapter leaf placed beside its weight under ``<name>@lora``.
 
+    >>> import jax.numpy as jnp
     >>> from lowrank.lora import LoraPair
     >>> pair = LoraPair(jnp.ones((2, 1)), jnp.zeros((1, 2)))
     >>> sorted(combine({"d": {"kernel": jnp.ones((2, 2))}}, {"d": {"kernel": pair}})["d"])
@@ -39,7 +39,7 @@ def combine(frozen: Mapping, adapters: Mapping) -> dict:
     ad = paths.flatten(adapters)
     check_fits(flat, ad)
     for p, leaf in ad.items():
-        flat[p + LORA_SUFFIX if is_pair(leaf) else p] = leaf
+        flat[p + LORA_SUFFIX if is_adapter(leaf) else p] = leaf
     return paths.unflatten(flat)
 
 
@@ -53,17 +53,6 @@ def _where(module: nn.Module, name: str) -> str:
     return paths.SEP.join((*module.path, name))
 
 
-def _dropout_fn(module: nn.Module, rate: float, active: bool):
-    if not active or rate == 0.0:
-        return lambda x: x
-
-    def drop(x):
-        keep = jax.random.bernoulli(module.make_rng(DROPOUT_STREAM), 1.0 - rate, x.shape)
-        return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-    return drop
-
-
 class _Interceptor:
     def __init__(self, dropout_active: bool):
         self.dropout_active = dropout_active
@@ -71,13 +60,13 @@ class _Interceptor:
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
         own = _own_params(module)
-        pairs = {k[: -len(LORA_SUFFIX)]: v for k, v in own.items() if k.endswith(LORA_SUFFIX)}
+        leaves = {k[: -len(LORA_SUFFIX)]: v for k, v in own.items() if k.endswith(LORA_SUFFIX)}
         quantized = [k for k, v in own.items() if quant.is_quantized(v)]
-        if not pairs and not quantized:
+        if not leaves and not quantized:
             return next_fun(*args, **kwargs)
         rule = layers.rule_for(module)
-        if rule is None or set(pairs) - {rule.weight}:
-            name = next(iter(pairs or quantized))
+        if rule is None or set(leaves) - {rule.weight}:
+            name = next(iter(leaves or quantized))
             raise layers.UnsupportedLayer(
                 f"{_where(module, name)!r} is a weight of {type(module).__name__}, which "
                 f"lowrank cannot adapt or dequantize; supported layers: {layers.SUPPORTED}"
@@ -88,46 +77,35 @@ class _Interceptor:
             return None
         if context.method_name not in rule.methods:
             return next_fun(*args, **kwargs)
-        if quantized:
-            base = _run_dequantized(module, own, context.method_name, args, kwargs)
-        else:
-            base = next_fun(*args, **kwargs)
-        pair = pairs.get(rule.weight)
-        if pair is None:
-            return base
-        weight = own[rule.weight]
-        ndim = len(quant.logical_shape(weight) if quant.is_quantized(weight) else weight.shape)
-        expected = rule.factorization(module, ndim, args, kwargs)
-        if expected.equation != pair.equation or pair.a.ndim != ndim - len(expected.out) + 1:
-            raise ValueError(
-                f"adapter at {_where(module, rule.weight)!r} has layout {pair.equation} and A "
-                f"{tuple(pair.a.shape)}, but {type(module).__name__} here needs "
-                f"{expected.equation} with no leading axes; initialise it with "
-                "layouts=lowrank.discover_layouts(model, params, *example_inputs)"
-            )
-        dtype = base.dtype
-        delta = rule.delta(
-            module,
-            context.method_name,
-            args,
-            kwargs,
-            pair.a.astype(dtype),
-            pair.b.astype(dtype),
-            pair.scale,
-            _dropout_fn(module, pair.dropout, self.dropout_active),
-        )
-        return base + delta.astype(dtype)
+        name = context.method_name
+        stored = {k: v for k, v in own.items() if not k.endswith(LORA_SUFFIX)}
+
+        def run(call_args):
+            # The layer's own call once; a second call (on other inputs) runs on a clone, as a
+            # compact module cannot declare its params twice.
+            if quantized or call_args is not args:
+                return _run_clone(module, stored, name, call_args, kwargs)
+            return next_fun(*call_args, **kwargs)
+
+        leaf = leaves.get(rule.weight)
+        if leaf is None:
+            return run(args)
+        call = LayerCall(module, name, args, dict(kwargs), rule, stored, run,
+                         self.dropout_active)
+        return leaf.method.apply(call, leaf)
 
 
-def _run_dequantized(module, own, method_name, args, kwargs):
-    # The layer's own code runs on an unbound clone whose params are the dequantized
+def _run_clone(module, stored, method_name, args, kwargs):
+    # The layer's own code runs on an unbound clone whose params are the (dequantized)
     # weights; the clone's call passes through the interceptor untouched (plain params).
-    stored = {k: v for k, v in own.items() if not k.endswith(LORA_SUFFIX)}
     clone = module.clone(parent=None)
 
     def run(stored):
         plain = {k: quant.dequantize(v) if quant.is_quantized(v) else v for k, v in stored.items()}
         return clone.apply({"params": plain}, *args, method=method_name, **kwargs)
+
+    if not any(quant.is_quantized(v) for v in stored.values()):
+        return run(stored)
 
     # Saving nothing keeps only the packed codes for the backward pass, which dequantizes
     # again: otherwise every layer's float kernel is a residual (under nn.scan, all of them
@@ -162,6 +140,7 @@ def apply(
       extra_variables: other collections (``batch_stats``...).
       **apply_kwargs: passed to ``model.apply`` (``method=``, ``mutable=``, model kwargs).
 
+    >>> import jax.numpy as jnp
     >>> model = nn.Dense(3)
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
     >>> import lowrank

@@ -1,13 +1,18 @@
 """What each supported linen layer computes, so that an adapter can be added from outside.
 
-For every supported layer type this module knows two things:
+For every supported layer type this module knows three things, and nothing about methods:
 
 * how its weight factorises: which kernel axes the input contracts with (``contract``),
   which appear in the output (``out``), and which are shared by both (``batch``, as a head axis
   of an ``nn.Einsum``). ``A`` spans ``batch + contract + (r,)`` and ``B`` spans
   ``batch + (r,) + out``, so that ``W ~ einsum(A, B)`` in the kernel's own axis order;
-* how to compute the adapter's contribution ``s * (x A) B`` to the layer's output without
-  ever forming ``A B``.
+* how to compute a factored product ``s * (x A) B`` in the layer's output layout without
+  ever forming ``A B``;
+* how a value per output unit (a bias, a magnitude over the kernel's output axes) lines up
+  with the layer's output.
+
+:class:`lowrank.layer_call.LayerCall` hands that math to a method's ``apply`` for one call
+of one layer.
 """
 
 from __future__ import annotations
@@ -140,12 +145,19 @@ def _conv_factorization(module, ndim, args, kwargs):
 
 @dataclasses.dataclass(frozen=True)
 class LayerRule:
-    """How one linen layer type is adapted."""
+    """How one linen layer type is adapted.
+
+    ``per_output(module, args, kwargs, v, ndim, order)`` lines ``v`` up with the output:
+    ``v`` spans the kernel's non-contracted axes, in kernel order (``order="kernel"``) or in
+    the output's order (``"output"``, as a bias is stored); None for layers whose output
+    units are not the kernel's (an ``nn.Embed`` lookup).
+    """
 
     weight: str  # the name of the adapted parameter
     methods: tuple[str, ...]  # the methods that use it
     factorization: Callable[..., Factorization]
     delta: Callable[..., jax.Array]
+    per_output: Callable[..., jax.Array] | None = None
 
 
 def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
@@ -237,14 +249,32 @@ def _conv_delta(module, method, args, kwargs, a, b, scale, dropout):
     return jnp.dot(u * jnp.asarray(scale, u.dtype), b)
 
 
+def _trailing_per_output(module, args, kwargs, v, ndim, order):
+    # Output units are the output's trailing axes, in kernel order (Dense, DenseGeneral, Conv).
+    return v
+
+
+def _einsum_per_output(module, args, kwargs, v, ndim, order):
+    x_labels, k_labels, out = _einsum_parts(module, args, kwargs)
+    kept = [c for c in k_labels if c in out]  # the kernel's batch and output axes
+    if order == "kernel":  # into the output's order
+        v = jnp.transpose(v, [kept.index(c) for c in out if c in kept])
+    sizes = dict(zip([c for c in out if c in kept], v.shape, strict=True))
+    return v.reshape([sizes.get(c, 1) for c in out])
+
+
 RULES: dict[type, LayerRule] = {
-    nn.Dense: LayerRule("kernel", ("__call__",), _dense_factorization, _dense_delta),
+    nn.Dense: LayerRule("kernel", ("__call__",), _dense_factorization, _dense_delta,
+                        _trailing_per_output),
     nn.DenseGeneral: LayerRule(
-        "kernel", ("__call__",), _dense_general_factorization, _dense_general_delta
+        "kernel", ("__call__",), _dense_general_factorization, _dense_general_delta,
+        _trailing_per_output,
     ),
-    nn.Einsum: LayerRule("kernel", ("__call__",), _einsum_factorization, _einsum_delta),
+    nn.Einsum: LayerRule("kernel", ("__call__",), _einsum_factorization, _einsum_delta,
+                         _einsum_per_output),
     nn.Embed: LayerRule("embedding", ("__call__", "attend"), lambda *_: MATRIX, _embed_delta),
-    nn.Conv: LayerRule("kernel", ("__call__",), _conv_factorization, _conv_delta),
+    nn.Conv: LayerRule("kernel", ("__call__",), _conv_factorization, _conv_delta,
+                       _trailing_per_output),
 }
 
 SUPPORTED = ", ".join(f"nn.{t.__name__}" for t in RULES)
@@ -257,3 +287,4 @@ def rule_for(module: Any) -> LayerRule | None:
     'kernel'
     """
     return RULES.get(type(module))
+

@@ -33,6 +33,9 @@ CONFIG_PREFIX, METRIC_PREFIX = "config.", "metric."
 UNHASHED = ("workdir", "quiet", "log.every", "log.tensorboard", "checkpoint.every",
             "checkpoint.keep", "checkpoint.resume", "checkpoint.fallback", "export_adapters",
             "sweep.")
+# Fields added after results were recorded, left out of the hash while they hold the value
+# that computes what runs did before them, so recorded runs keep their hashes.
+HASHED_UNLESS_DEFAULT = {"lora.method": "lora"}
 
 _FIXED_COLUMNS = {
     "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
@@ -103,9 +106,13 @@ def config_hash(config: Any) -> str:
     True
     >>> config_hash({"seed": 0}) == config_hash({"seed": 1})
     False
+    >>> config_hash({"lora": {"method": "lora"}}) == config_hash({"lora": {}})
+    True
     """
+    flat_missing = object()
     flat = {k: _jsonable(v) for k, v in flatten(_plain(config)).items()
-            if not any(k == u or (u.endswith(".") and k.startswith(u)) for u in UNHASHED)}
+            if not any(k == u or (u.endswith(".") and k.startswith(u)) for u in UNHASHED)
+            and HASHED_UNLESS_DEFAULT.get(k, flat_missing) != v}
     text = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

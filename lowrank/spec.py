@@ -1,4 +1,5 @@
-"""``LoraSpec``: which parameters get adapters, of what rank and scale, initialised how."""
+"""``LoraSpec``: which parameters get adapters, by which method, of what rank and scale,
+initialised how."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 from collections.abc import Mapping
 
 from lowrank import paths
+from lowrank.method import Method, method_class, method_names
 
 INITS = ("kaiming", "gaussian", "pissa", "loftq")
 
@@ -53,10 +55,19 @@ class LoraSpec:
       trainable: regex of extra full-rank leaves to train as they are (a classifier head,
         biases, norms).
       loftq_iters: alternating steps of the LoftQ initialisation.
+      method: the method of every target no rule claims: "lora", "dora" (DoRA, Liu et
+        al. 2024: LoRA plus a trainable magnitude per output unit) or "vera" (VeRA, Kopiczko
+        et al. 2024: shared frozen projections, two trainable vectors), built from the fields
+        above by the method's ``from_spec`` (VeRA takes rank and dropout).
+      rules: ordered ``(regex, method object)`` pairs, first match wins, choosing the method
+        per target (``[(r".*attention.*", LoRA(rank=8)), (r".*mlp.*", DoRA(rank=4))]``);
+        each must match some target. ``targets`` still says which weights are adapted.
 
     >>> spec = LoraSpec(rank=8, alpha=16, targets=r".*/(query|value)/kernel")
     >>> spec.scale_for(8)
     2.0
+    >>> LoraSpec(method="dora").method_for("l0/query/kernel").name
+    'dora'
     """
 
     rank: int = 8
@@ -70,11 +81,20 @@ class LoraSpec:
     rslora: bool = False
     trainable: str | None = None
     loftq_iters: int = 1
+    method: str = "lora"
+    rules: tuple = ()
 
     def __post_init__(self):
         set_ = object.__setattr__
         set_(self, "rank_pattern", _as_pairs(self.rank_pattern, "rank_pattern"))
         set_(self, "alpha_pattern", _as_pairs(self.alpha_pattern, "alpha_pattern"))
+        set_(self, "rules", _as_pairs(self.rules, "rules"))
+        for pattern, method in self.rules:
+            if not isinstance(method, Method):
+                raise ValueError(f"LoraSpec.rules[{pattern!r}]: {method!r} is not a method "
+                                 "object (such as lowrank.LoRA(rank=8) or lowrank.DoRA(rank=4))")
+        if self.method not in method_names():
+            raise ValueError(f"LoraSpec.method {self.method!r} is not one of {method_names()}")
         for name in ("targets", "exclude", "trainable"):
             _check_regex(getattr(self, name), name)
         if self.targets is None and self.trainable is None:
@@ -113,6 +133,18 @@ class LoraSpec:
         16
         """
         return paths.first_match(path, self.alpha_pattern, self.alpha)
+
+    def method_for(self, path: str) -> Method:
+        """The method object of the target at ``path``: the first matching rule, else
+        ``method`` with this spec's rank, alpha, dropout, init and rsLoRA for ``path``.
+
+        >>> LoraSpec(rank=8, rank_pattern={r".*value.*": 2}).method_for("l0/value/kernel").rank
+        2
+        """
+        rule = paths.first_match(path, self.rules, None)
+        if rule is not None:
+            return rule
+        return method_class(self.method).from_spec(self, path)
 
     def scale_for(self, rank: int, alpha: float | None = None) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.

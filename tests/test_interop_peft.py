@@ -139,7 +139,7 @@ def edit_tensors(directory, fn):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("use_dora", True, "use_dora=True is not supported"),
+    ("use_dora", "yes", "use_dora='yes' is not a boolean"),
     ("bias", "all", "bias='all' is not supported"),
     ("fan_in_fan_out", True, "fan_in_fan_out=True is not supported"),
     ("peft_type", "LOHA", "peft_type='LOHA' is not supported"),

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lowrank import lora
+from lowrank import adapters as adapters_lib
 from lowrank.models import hf
 
 
@@ -51,7 +51,7 @@ def save_merged(
     >>> (save_merged(tempfile.mkdtemp(), m, p, {}) / "model.safetensors").is_file()
     True
     """
-    merged = jax.jit(lora.merge)(frozen, adapters)  # one compiled program, not many small ops
+    merged = jax.jit(adapters_lib.merge)(frozen, adapters)  # one program, not many small ops
     if dtype is not None:
         merged = jax.tree.map(
             lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, merged

@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 
 from lowrank import paths
-from lowrank.lora import shape_of
+from lowrank.adapters import shape_of
 from lowrank.models import hf
 
 

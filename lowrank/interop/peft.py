@@ -2,15 +2,18 @@
 
 PEFT names a LoRA pair after the module it adapts, ``base_model.model.<module>.lora_A.weight``
 ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``; for our Dense kernel ``[in, out]`` these are
-``a.T`` and ``b.T``. Full-rank trained modules (``modules_to_save``) are stored under their
-own tensor names. Module names come from :mod:`lowrank.interop.naming` (the models' one name
-map), target selection follows PEFT's own matching rules (ported in :func:`peft_targets`).
+``a.T`` and ``b.T``. DoRA (``use_dora``) adds ``...<module>.lora_magnitude_vector`` ``[out]``
+(no ``.weight``), our ``DoraPair.magnitude``. Full-rank trained modules (``modules_to_save``)
+are stored under their own tensor names. Module names come from :mod:`lowrank.interop.naming`
+(the models' one name map), target selection follows PEFT's own matching rules (ported in
+:func:`peft_targets`).
 
 What PEFT cannot express, and :func:`save` refuses with an error: adapters on anything but a
 Dense kernel (embeddings, convolutions, einsums), training part of a module (a bias or a norm
-scale alone, or a weight that also has an adapter), a trained tied embedding, and different
-dropout rates per adapter. What :func:`load` refuses: DoRA, LoRA biases, ``bias != "none"``,
-``fan_in_fan_out``, layer replication and every other option that changes the computation.
+scale alone, or a weight that also has an adapter), a trained tied embedding, different
+dropout rates per adapter, and LoRA mixed with DoRA (PEFT's ``use_dora`` is one switch). What
+:func:`load` refuses: LoRA biases, ``bias != "none"``, ``fan_in_fan_out``, layer replication
+and every other option that changes the computation.
 
 >>> spec, adapters = load("path/to/peft-adapter", params, model)  # doctest: +SKIP
 >>> save("out/", spec, adapters, model)  # doctest: +SKIP
@@ -32,31 +35,33 @@ import numpy as np
 import safetensors.flax
 
 from lowrank import paths
+from lowrank.adapters import check_fits, shape_of
+from lowrank.dora import DoraPair
 from lowrank.files import BadFileError, read_json, read_safetensors
 from lowrank.interop import naming
 from lowrank.layers import MATRIX
-from lowrank.lora import LoraPair, check_fits, is_pair, shape_of
+from lowrank.lora import LoraPair
+from lowrank.method import is_adapter
 from lowrank.models import hf
 from lowrank.spec import LoraSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+MAGNITUDE = "lora_magnitude_vector"
 
 # Options with a fixed accepted value: any other value changes the computation.
 _FIXED: dict[str, tuple] = {
     "peft_type": ("LORA",),
     "bias": ("none",),
     "fan_in_fan_out": (False,),
-    "use_dora": (False,),
     "lora_bias": (False,),
     "use_qalora": (False,),
     "ensure_weight_tying": (False,),
 }
 _READ = {
-    "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora",
-    "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
+    "use_dora", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout",
+    "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
     "layers_pattern", "task_type",
 }
 # How the adapter was made or where it came from: no effect on what a saved adapter computes.
@@ -183,6 +188,9 @@ def _most_common(values: Mapping[str, Any]) -> Any:
 
 
 def _check_pair(path: str, pair: LoraPair, stacked: bool) -> None:
+    if type(pair) not in (LoraPair, DoraPair):
+        raise ValueError(f"adapter at {path!r} is {type(pair).__name__} ({pair.kind}): PEFT "
+                         "LoRA files hold LoRA and DoRA adapters only")
     if naming.leaf_name(path) != "kernel" or pair.equation != MATRIX.equation:
         raise ValueError(
             f"adapter at {path!r} cannot be written as PEFT LoRA: PEFT files hold adapters of "
@@ -256,9 +264,14 @@ def save(
     """
     arch = hf.architecture_of(model)
     flat = paths.flatten(adapters)
-    pairs = {p: v for p, v in flat.items() if is_pair(v)}
+    pairs = {p: v for p, v in flat.items() if is_adapter(v)}
     if not pairs:
         raise ValueError("adapters hold no LoraPair: a PEFT LoRA adapter needs at least one")
+    kinds = {pair.kind for pair in pairs.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"adapters mix {sorted(kinds)}: PEFT's use_dora is one switch for "
+                         "every adapter of a file; save them as two adapters")
+    use_dora = kinds == {"dora"}
     dropouts = {pair.dropout for pair in pairs.values()}
     if len(dropouts) > 1:
         raise ValueError(f"adapters use dropout rates {sorted(dropouts)}: PEFT has one rate")
@@ -279,8 +292,11 @@ def save(
             module = naming.module_of(key)
             tensors[f"{PREFIX}{module}.lora_A.weight"] = np.asarray(naming.slice_of(pair.a, slot)).T
             tensors[f"{PREFIX}{module}.lora_B.weight"] = np.asarray(naming.slice_of(pair.b, slot)).T
+            if use_dora:
+                tensors[f"{PREFIX}{module}.{MAGNITUDE}"] = np.asarray(
+                    naming.slice_of(pair.magnitude, slot))
             ranks[module], alphas[module] = int(pair.rank), alpha
-    leaves = {p: v for p, v in flat.items() if not is_pair(v)}
+    leaves = {p: v for p, v in flat.items() if not is_adapter(v)}
     leaf_tensors, saved = _module_tensors(leaves, index, model)
     clash = sorted(set(saved) & set(ranks))
     if clash:
@@ -306,7 +322,7 @@ def save(
         "modules_to_save": saved or None,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -404,7 +420,8 @@ def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[Lora
     """Reads a PEFT LoRA adapter onto our ``model``: ``(spec, adapters)``.
 
     Every module that the config targets (PEFT's matching rules, ``rank_pattern`` and
-    ``alpha_pattern`` included) must have its ``lora_A``/``lora_B`` tensors, every tensor must
+    ``alpha_pattern`` included) must have its ``lora_A``/``lora_B`` tensors (and
+    ``lora_magnitude_vector`` with ``use_dora``: DoRA adapters), every tensor must
     belong to a targeted module or a ``modules_to_save`` module, and every shape must fit;
     otherwise a ValueError lists what is wrong. ``spec`` reproduces the adapter's structure
     (exact paths, ranks, alphas, rsLoRA, dropout, trained leaves).
@@ -436,7 +453,11 @@ def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[Lora
                          "layers: lowrank reads LoRA on Linear layers only")
     saved = saved_modules(config, all_modules)
 
+    use_dora = config.get("use_dora", False)
+    if use_dora not in (False, True):
+        raise ValueError(f"{directory / CONFIG_FILE}: use_dora={use_dora!r} is not a boolean")
     expected = {f"{PREFIX}{m}.lora_{w}.weight" for m in targets for w in "AB"}
+    expected |= {f"{PREFIX}{m}.{MAGNITUDE}" for m in targets if use_dora}
     expected |= {f"{PREFIX}{m}.{n}" for m in saved for n in by_module[m]}
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     problems = []
@@ -466,7 +487,14 @@ def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[Lora
                     f"{key} has shape {tuple(tensors[key].shape)}; with r={rank} and the "
                     f"weight {slot.path!r} of shape [in={in_f}, out={out_f}] it must be {want}"
                 )
-        factors[slot.path][slot.layer] = (tensors[a_key].T, tensors[b_key].T)
+        magnitude = None
+        if use_dora:
+            m_key = f"{PREFIX}{m}.{MAGNITUDE}"
+            magnitude = tensors[m_key]
+            if tuple(magnitude.shape) != (out_f,):
+                raise ValueError(f"{m_key} has shape {tuple(magnitude.shape)}; DoRA keeps one "
+                                 f"magnitude per output unit of {slot.path!r}: ({out_f},)")
+        factors[slot.path][slot.layer] = (tensors[a_key].T, tensors[b_key].T, magnitude)
         settings[slot.path].add((rank, alpha))
 
     flat: dict[str, Any] = {}
@@ -481,6 +509,11 @@ def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[Lora
         b = _stack({i: f[1] for i, f in per_layer.items()}, path, flat_params, "LoRA")
         scale = float(alpha) / (math.sqrt(rank) if rslora else rank)
         flat[path] = LoraPair(a, b, scale=scale, equation=MATRIX.equation, dropout=dropout)
+        if use_dora:
+            magnitude = _stack({i: f[2] for i, f in per_layer.items()}, path, flat_params,
+                               "DoRA")
+            flat[path] = DoraPair(**flat[path].arrays(), **flat[path].statics(),
+                                  magnitude=magnitude)
         ranks[path], alphas[path] = rank, alpha
     trained = collections.defaultdict(dict)
     for m in saved:
@@ -494,7 +527,7 @@ def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[Lora
 
     spec = LoraSpec(
         rank=rank0, alpha=alpha0, targets=_alternation(factors), dropout=dropout,
-        rslora=rslora, trainable=_alternation(trained),
+        rslora=rslora, trainable=_alternation(trained), method="dora" if use_dora else "lora",
         rank_pattern={re.escape(p): r for p, r in ranks.items() if r != rank0},
         alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != alpha0},
     )

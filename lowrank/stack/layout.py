@@ -21,7 +21,8 @@ import optax
 from flax import struct
 
 from lowrank import paths, quant
-from lowrank.lora import LoraPair, is_pair
+from lowrank.lora import LoraPair
+from lowrank.method import is_adapter
 from lowrank.train.state import TrainState
 
 
@@ -108,7 +109,7 @@ def _union_trainable(trainables: Sequence[Mapping], frozen: Mapping) -> tuple[di
     multipliers: dict[str, jax.Array] = {}
     for p in sorted(set().union(*flats)):
         leaves = [f[p] for f in flats if p in f]
-        pairs = [leaf for leaf in leaves if is_pair(leaf)]
+        pairs = [leaf for leaf in leaves if is_adapter(leaf)]
         if pairs and len(pairs) != len(leaves):
             raise ValueError(f"members disagree about {p!r}: some adapt it with a LoraPair, "
                              "others train it in full; stack them separately")
@@ -135,8 +136,16 @@ def _union_trainable(trainables: Sequence[Mapping], frozen: Mapping) -> tuple[di
 
 
 def _union_pair(path: str, pairs: Sequence[LoraPair]) -> tuple[LoraPair, bool]:
-    """The zero pair of the largest rank, and whether all members share one scale (kept
-    static then, so their arithmetic is that of their own runs to the bit)."""
+    """The zero leaf of the largest rank (the members' leaf type: a DoRA magnitude is kept),
+    and whether all members share one scale (kept static then, so their arithmetic is that of
+    their own runs to the bit)."""
+    kinds = {pair.kind for pair in pairs}
+    if len(kinds) > 1:
+        raise ValueError(f"members' adapters at {path!r} use different methods "
+                         f"{sorted(kinds)}; stack them separately")
+    if not {"a", "b"} <= set(pairs[0].arrays()):  # the rank padding is of A and B
+        raise ValueError(f"members' adapters at {path!r} are {pairs[0].kind} adapters, which "
+                         "cannot be stacked (stacks pad the rank of LoRA-family A and B)")
     for field in ("equation", "dropout"):
         values = {getattr(pair, field) for pair in pairs}
         if len(values) > 1:
@@ -155,12 +164,19 @@ def _union_pair(path: str, pairs: Sequence[LoraPair]) -> tuple[LoraPair, bool]:
             raise ValueError(f"members' adapters at {path!r} do not fit one weight: A "
                              f"{pair.a.shape} and B {pair.b.shape} against A {first.a.shape} "
                              f"and B {first.b.shape}")
+    # Arrays beside A and B (a DoRA magnitude) do not depend on the rank: one shape for all.
+    others = {k: v for k, v in first.arrays().items() if k not in ("a", "b")}
+    for pair in pairs:
+        for k, v in others.items():
+            if np.shape(pair.arrays()[k]) != np.shape(v):
+                raise ValueError(f"members' adapters at {path!r} do not fit one weight: {k} "
+                                 f"{np.shape(pair.arrays()[k])} against {np.shape(v)}")
     scales = {pair.scale for pair in pairs}
     scale = scales.pop() if len(scales) == 1 else None
-    pair = LoraPair(jax.ShapeDtypeStruct(a_shape, first.a.dtype),
-                    jax.ShapeDtypeStruct(b_shape, first.b.dtype),
-                    scale=1.0 if scale is None else scale, equation=first.equation,
-                    dropout=first.dropout)
+    abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in others.items()}
+    pair = first.replace(a=jax.ShapeDtypeStruct(a_shape, first.a.dtype),
+                         b=jax.ShapeDtypeStruct(b_shape, first.b.dtype),
+                         scale=1.0 if scale is None else scale, **abstract)
     return pair, scale is not None
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lowrank import paths
-from lowrank.lora import is_pair
+from lowrank.method import is_adapter
 
 FORMAT = "lowrank-train-checkpoint"
 ITEMS = ("state", "config", "meta")
@@ -104,9 +104,8 @@ def adapter_summary(trainable: Mapping) -> dict[str, dict]:
     """
     out = {}
     for p, leaf in paths.flatten(trainable).items():
-        if is_pair(leaf):
-            out[p] = {"rank": int(leaf.rank), "a": list(np.shape(leaf.a)),
-                      "b": list(np.shape(leaf.b)), "scale": float(leaf.scale)}
+        if is_adapter(leaf):
+            out[p] = leaf.summary()
         else:
             out[p] = {"shape": list(np.shape(leaf))}
     return out

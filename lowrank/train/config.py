@@ -29,7 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
       remat: recompute the forward pass in the backward pass instead of storing activations.
       lora.*: the :class:`lowrank.LoraSpec` fields (rank, alpha, targets, exclude,
         rank_pattern and alpha_pattern as tuples of (regex, value) pairs, dropout, init,
-        rslora, trainable).
+        rslora, trainable, method). ``init`` "pissa" or "loftq" also makes the frozen base
+        (``lowrank.init``; LoftQ quantizes it with the task's ``quant``).
       optimizer.learning_rate, .schedule ("constant", "warmup_cosine", "linear"),
         .warmup_steps, .end_learning_rate, .weight_decay, .loraplus_ratio, .clip_norm (None:
         no clipping), .b1, .b2, .eps: AdamW from :func:`lowrank.optim.adamw`.
@@ -78,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
         init=spec.init,
         rslora=spec.rslora,
         trainable=placeholder(str),
+        method=spec.method,
     ))
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-3,

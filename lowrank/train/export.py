@@ -1,9 +1,10 @@
 """Adapters-only export for sharing: ``adapters.safetensors`` plus ``adapters.json``.
 
-The safetensors file holds the arrays (``<path>/a`` and ``<path>/b`` for each adapter,
-``<path>`` for each full-rank trained leaf); the JSON file holds what arrays cannot: each
-adapter's scale, einsum equation and dropout, the LoRA settings, and the base the adapters
-were trained on (source and sha256). Neither file needs orbax, JAX or pickle to read.
+The safetensors file holds the arrays (``<path>/<field>`` for each adapter leaf's arrays,
+``<path>/a`` and ``<path>/b`` for LoRA; ``<path>`` for each full-rank trained leaf); the JSON
+file holds what arrays cannot: each adapter's statics (scale, einsum equation, dropout) and
+kind (``"lora"`` when absent), the LoRA settings, and the base the adapters were trained on
+(source and sha256). Neither file needs orbax, JAX or pickle to read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from safetensors.flax import save_file
 
 from lowrank import paths
 from lowrank.files import read_json, read_safetensors
-from lowrank.lora import LoraPair, is_pair
+from lowrank.lora import LoraPair  # noqa: F401  (doctests)
+from lowrank.method import adapter_class, is_adapter
 
 FORMAT = "lowrank-adapters"
 WEIGHTS = "adapters.safetensors"
@@ -35,7 +37,7 @@ def export_adapters(
     """Writes the trainable tree to ``directory`` (created if needed); returns the directory.
 
     Args:
-      trainable: the adapters tree (LoraPairs and full-rank leaves).
+      trainable: the adapters tree (adapter leaves and full-rank leaves).
       lora: the LoRA settings to record (e.g. the ``config.lora`` fields).
       base: where the frozen base came from, e.g. ``{"source": ..., "sha256": ...}``.
 
@@ -49,9 +51,9 @@ def export_adapters(
     directory.mkdir(parents=True, exist_ok=True)
     arrays, pairs, leaves = {}, {}, []
     for p, leaf in paths.flatten(trainable).items():
-        if is_pair(leaf):
-            arrays[f"{p}/a"], arrays[f"{p}/b"] = jnp.asarray(leaf.a), jnp.asarray(leaf.b)
-            pairs[p] = {"scale": leaf.scale, "equation": leaf.equation, "dropout": leaf.dropout}
+        if is_adapter(leaf):
+            arrays.update({f"{p}/{k}": jnp.asarray(v) for k, v in leaf.arrays().items()})
+            pairs[p] = leaf.statics() | ({} if leaf.kind == "lora" else {"kind": leaf.kind})
         else:
             arrays[p] = jnp.asarray(leaf)
             leaves.append(p)
@@ -84,7 +86,7 @@ def read_index(directory: str | pathlib.Path) -> dict:
 
 
 def load_adapters(directory: str | pathlib.Path) -> dict:
-    """The trainable tree written by :func:`export_adapters`, LoraPair statics included.
+    """The trainable tree written by :func:`export_adapters`, adapter statics included.
 
     >>> import tempfile
     >>> load_adapters(export_adapters(tempfile.mkdtemp(), {"w": jnp.ones(2)}))["w"].tolist()
@@ -95,7 +97,10 @@ def load_adapters(directory: str | pathlib.Path) -> dict:
                                               "an adapters export's arrays")
     flat: dict[str, Any] = {}
     for p, statics in index["pairs"].items():
-        flat[p] = LoraPair(arrays[f"{p}/a"], arrays[f"{p}/b"], **statics)
+        statics = dict(statics)
+        cls = adapter_class(statics.pop("kind", "lora"))
+        names = {k.rpartition("/")[2] for k in arrays if k.rpartition("/")[0] == p}
+        flat[p] = cls.from_arrays({k: arrays[f"{p}/{k}"] for k in sorted(names)}, statics)
     for p in index["leaves"]:
         flat[p] = arrays[p]
     return paths.unflatten(flat)

@@ -12,8 +12,9 @@ from typing import Any
 import jax
 import optax
 
-from lowrank import optim
-from lowrank.lora import init_adapters
+from lowrank import optim, quant
+from lowrank.adapters import init_adapters
+from lowrank.init_quantized import init as init_with_base
 from lowrank.train import checkpoint as ckpt_lib
 from lowrank.train.config import lora_spec
 from lowrank.train.export import export_adapters
@@ -173,6 +174,8 @@ def init_state(config: Any, task: Task) -> TrainState:
     >>> state.trainable["hidden_0"]["kernel"].rank, int(state.step)
     (8, 0)
     """
+    if changes_base(config, task):
+        return init_run(config, task)[1]
     spec = lora_spec(config.lora)
     _, tx = optimizer(config)
     param_dtype = resolve_dtype(config.param_dtype)
@@ -184,6 +187,48 @@ def init_state(config: Any, task: Task) -> TrainState:
         return TrainState.create(cast_floating(trainable, param_dtype), tx, step_key)
 
     return init(jax.random.key(config.seed), task.params)
+
+
+def changes_base(config: Any, task: Task) -> bool:
+    """Whether the run's frozen tree is made from ``task.params`` by ``lowrank.init``: a PiSSA
+    or LoftQ init (``config.lora.init``), or a base the task asks to quantize (``task.quant``).
+    """
+    return config.lora.init in ("pissa", "loftq") or task.quant is not None
+
+
+def init_run(config: Any, task: Task) -> tuple[Any, TrainState]:
+    """``(frozen, state)`` at step 0: the frozen tree the run trains over and its state.
+
+    The frozen tree is ``task.params``, or, when :func:`changes_base`, what
+    ``lowrank.init`` makes of them: the PiSSA residual, the LoftQ-quantized base, or the
+    base quantized with ``task.quant``. Deterministic in ``config.seed``, so a resumed run
+    rebuilds the same base.
+
+    >>> from lowrank.train import toy
+    >>> from lowrank.train.config import default_config
+    >>> config = default_config()
+    >>> config.lora.init = "pissa"
+    >>> task = toy.classifier(config)
+    >>> frozen, state = init_run(config, task)
+    >>> bool((frozen["hidden_0"]["kernel"] != task.params["hidden_0"]["kernel"]).any())
+    True
+    """
+    spec = lora_spec(config.lora)
+    if not changes_base(config, task):
+        return task.params, init_state(config, task)
+    quantized = [p for p, leaf in jax.tree_util.tree_flatten_with_path(
+        task.params, is_leaf=quant.is_quantized)[0] if quant.is_quantized(leaf)]
+    if quantized:
+        raise ValueError(
+            f"config.lora.init={spec.init!r} (or Task.quant) makes the frozen base from float "
+            f"weights, but the task's params are already quantized ({len(quantized)} leaves): "
+            "give the task float params, with Task.quant=QuantSpec(...) to quantize them")
+    _, tx = optimizer(config)
+    init_key, step_key = jax.random.split(jax.random.key(config.seed))
+    frozen, trainable = init_with_base(init_key, task.params, spec, quant=task.quant,
+                                       layouts=task.layouts)
+    trainable = cast_floating(trainable, resolve_dtype(config.param_dtype))
+    return frozen, TrainState.create(trainable, tx, step_key)
 
 
 def train(config: Any, task: Task | None = None) -> TrainResult:
@@ -213,7 +258,11 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
     loss_fn = make_loss_fn(task.model, task.forward, task.loss,
                            compute_dtype=resolve_dtype(config.compute_dtype), remat=config.remat)
     runner, metric_names = _runner(config, loss_fn, tx, schedule)
-    abstract = jax.eval_shape(lambda: init_state(config, task))
+    # The base (PiSSA's residual, LoftQ's codes) is made once, even when resuming.
+    frozen, first_state = init_run(config, task) if changes_base(config, task) else (
+        task.params, None)
+    abstract = jax.eval_shape(
+        lambda: first_state if first_state is not None else init_state(config, task))
     meta = _json({
         "lora": config.lora.to_dict(),
         "adapters": ckpt_lib.adapter_summary(abstract.trainable),
@@ -229,7 +278,7 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
                                                  keep=config.checkpoint.keep)
             state = _resume(checkpointer, config, abstract, meta)
         if state is None:
-            state = init_state(config, task)
+            state = first_state if first_state is not None else init_state(config, task)
         start = int(state.step)
         if workdir is not None:
             writer = MetricsWriter(workdir, start_step=start,
@@ -237,7 +286,7 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
         progress = Progress(config.steps, start, quiet=config.quiet)
         loop = StepLoop(config, task, runner, metric_names, checkpointer=checkpointer,
                         writer=writer, progress=progress, meta=meta, start=start)
-        placed = loop.run(runner.place_state(state), runner.place_frozen(task.params),
+        placed = loop.run(runner.place_state(state), runner.place_frozen(frozen),
                           jax.jit(make_eval_step(loss_fn)))
         final = runner.host_state(placed)
         if workdir is not None and config.export_adapters:

@@ -54,6 +54,10 @@ class Task:
         inputs.
       layouts: passed to ``lowrank.init_adapters`` for kernels with more than two axes.
       source: where the base weights came from, recorded in checkpoints next to their hash.
+      quant: a ``QuantSpec`` to quantize the (float) ``params`` with at the start of a run,
+        through ``lowrank.init``: what a LoftQ init (``config.lora.init="loftq"``) fits its
+        adapters to. None: ``params`` are the frozen tree as they are (PiSSA still makes its
+        residual from them).
 
     >>> import jax.numpy as jnp
     >>> model = nn.Dense(2)
@@ -70,6 +74,7 @@ class Task:
     forward: Callable[..., Any] = default_forward
     layouts: Mapping | None = None
     source: str = "unspecified"
+    quant: Any = None
 
 
 def load_task(config: Any) -> Task:
