@@ -5,7 +5,7 @@ A **method** (:class:`Method`) is an object with three parts:
 * ``init(key, target) -> leaf``: the trainable leaf for one weight (``target`` says which
   weight, its shape and how its layer factorises);
 * ``apply(call, leaf) -> output``: what the adapted layer outputs, given a
-  :class:`lowrank.layers.LayerCall` (the layer's own math: its base output, its weight, its
+  :class:`lowrank.layer_call.LayerCall` (the layer's own math: its base output, its weight, its
   factored low-rank product) and the leaf;
 * ``merge(weight, leaf) -> weight``: the dense weight an exported model runs with.
 
