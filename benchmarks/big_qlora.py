@@ -139,9 +139,7 @@ def main() -> None:
     inputs, targets = ids[:, :-1], ids[:, 1:]
     layouts = lr.discover_layouts(model, models.abstract_params(model), inputs)
     spec = lr.LoraSpec(rank=args.rank, alpha=2 * args.rank, targets=TARGETS)
-    adapters = lr.init_adapters(jax.random.key(0), frozen, spec, layouts=layouts)
-    # float32 adapters over the bfloat16-recorded base (init follows the base's dtype)
-    adapters = jax.tree.map(lambda x: x.astype(jnp.float32), adapters)
+    adapters = lr.init_adapters(jax.random.key(0), frozen, spec, layouts=layouts)  # float32
     tx = optax.adamw(1e-4)
     opt_state = tx.init(adapters)
 

@@ -76,8 +76,11 @@ def target_of(path: str, weight: Any, layouts: Mapping | None = None) -> Target:
     (0,)
     """
     shape = shape_of(weight)
-    dtype = jnp.dtype(weight.dtype)  # a QuantizedArray names its original dtype
-    dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+    dtype = jnp.dtype(weight.dtype)
+    if quant.is_quantized(weight) or not jnp.issubdtype(dtype, jnp.floating):
+        # Over a 4-bit base the adapters train in float32 (PEFT's autocast_adapter_dtype),
+        # whatever the dtype the weights had before quantization (bfloat16 when loaded so).
+        dtype = jnp.dtype(jnp.float32)
     return Target(path, weight, shape, _factorization(path, shape, layouts), dtype)
 
 

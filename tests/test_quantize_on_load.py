@@ -193,6 +193,11 @@ def test_bnb_load_keeps_float_leaves_in_bfloat16():
     assert frozen["model"]["embed_tokens"]["embedding"].dtype == jnp.bfloat16
     kernel = frozen["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert lr.quant.is_quantized(kernel) and kernel.lead_shape == (model.config.num_hidden_layers,)
+    # Adapters over a 4-bit base train in float32, whatever dtype the base had.
+    layouts = lr.discover_layouts(model, models.abstract_params(model), jnp.ones((1, 4), int))
+    adapters = lr.init_adapters(jax.random.key(0), frozen,
+                                lr.LoraSpec(rank=2, targets=LAYERS + "/kernel"), layouts=layouts)
+    assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}
 
 
 # ----------------------------------------------------------------------------- bad input
