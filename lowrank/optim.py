@@ -6,7 +6,8 @@ Freezing is done by not differentiating the frozen tree at all, never with ``opt
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -29,6 +30,28 @@ def lora_labels(adapters: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "lora_b" if paths.key_name(path[-1]) == "b" else "rest", adapters
     )
+
+
+def group_labels(adapters: Any, lr_multipliers: Sequence[tuple[str, float]],
+                 loraplus: bool) -> Any:
+    """Labels each leaf by the first ``lr_multipliers`` regex that fullmatches its '/'-joined
+    path (``"group<i>"``), else ``"lora_b"`` (a B factor, under LoRA+) or ``"rest"``.
+
+    >>> import jax.numpy as jnp
+    >>> tree = {"classifier": {"kernel": jnp.ones((2, 2))}, "body": {"kernel": jnp.ones(2)}}
+    >>> group_labels(tree, [("classifier/.*", 10.0)], loraplus=False)
+    {'body': {'kernel': 'rest'}, 'classifier': {'kernel': 'group0'}}
+    """
+    patterns = [re.compile(pattern) for pattern, _ in lr_multipliers]
+
+    def label(path, _):
+        name = paths.path_str(path)
+        for i, pattern in enumerate(patterns):
+            if pattern.fullmatch(name):
+                return f"group{i}"
+        return "lora_b" if loraplus and paths.key_name(path[-1]) == "b" else "rest"
+
+    return jax.tree_util.tree_map_with_path(label, adapters)
 
 
 def decay_mask(adapters: Any) -> Any:
@@ -54,6 +77,7 @@ def adamw(
     weight_decay: float = 0.0,
     mask: Any = decay_mask,
     loraplus_ratio: float = 1.0,
+    lr_multipliers: Sequence[tuple[str, float]] = (),
     clip_norm: float | None = None,
     b1: float = 0.9,
     b2: float = 0.999,
@@ -67,6 +91,9 @@ def adamw(
       mask: a tree of bools or a function of the params giving one (default: matrices only).
       loraplus_ratio: LoRA+ (Hayou et al., 2024): every ``B`` factor learns at
         ``loraplus_ratio`` times the learning rate of the rest (ratio 16 is their default).
+      lr_multipliers: ``(regex, multiplier)`` pairs: leaves whose '/'-joined path fullmatches
+        a regex (first match wins) learn at ``multiplier`` times the learning rate, e.g.
+        ``[("classifier/.*", 100.0)]`` to train a new head faster than the body it sits on.
       clip_norm: clip the global gradient norm to this before the update.
 
     >>> import jax.numpy as jnp
@@ -79,12 +106,21 @@ def adamw(
     def make(lr):
         return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
 
-    if loraplus_ratio == 1.0:
+    for pattern, multiplier in lr_multipliers:
+        if not multiplier > 0:
+            raise ValueError(f"lr_multipliers: the multiplier of {pattern!r} must be > 0, got "
+                             f"{multiplier!r}")
+        re.compile(pattern)
+    if loraplus_ratio == 1.0 and not lr_multipliers:
         tx = make(learning_rate)
     else:
+        transforms = {"rest": make(learning_rate),
+                      "lora_b": make(_scaled(learning_rate, loraplus_ratio))}
+        transforms.update({f"group{i}": make(_scaled(learning_rate, float(m)))
+                           for i, (_, m) in enumerate(lr_multipliers)})
         tx = optax.multi_transform(
-            {"rest": make(learning_rate), "lora_b": make(_scaled(learning_rate, loraplus_ratio))},
-            lora_labels,
+            transforms,
+            lambda tree: group_labels(tree, lr_multipliers, loraplus_ratio != 1.0),
         )
     if clip_norm is not None:
         if clip_norm <= 0:

@@ -35,7 +35,8 @@ UNHASHED = ("workdir", "quiet", "log.every", "log.tensorboard", "checkpoint.ever
             "sweep.")
 # Fields added after results were recorded, left out of the hash while they hold the value
 # that computes what runs did before them, so recorded runs keep their hashes.
-HASHED_UNLESS_DEFAULT = {"lora.method": "lora"}
+HASHED_UNLESS_DEFAULT = {"lora.method": "lora", "eval.select": None,
+                         "optimizer.lr_multipliers": []}
 
 _FIXED_COLUMNS = {
     "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
@@ -112,7 +113,7 @@ def config_hash(config: Any) -> str:
     flat_missing = object()
     flat = {k: _jsonable(v) for k, v in flatten(_plain(config)).items()
             if not any(k == u or (u.endswith(".") and k.startswith(u)) for u in UNHASHED)
-            and HASHED_UNLESS_DEFAULT.get(k, flat_missing) != v}
+            and _jsonable(HASHED_UNLESS_DEFAULT.get(k, flat_missing)) != _jsonable(v)}
     text = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

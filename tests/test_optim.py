@@ -71,3 +71,21 @@ def test_clipping_bounds_the_global_norm_before_adam():
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         optim.adamw(1e-3, **kwargs)
+
+
+def test_lr_multipliers_scale_the_matching_leaves_learning_rate():
+    tree = {"classifier": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+            "q": LoraPair(jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0)}
+    grads = jax.tree.map(lambda x: 0.5 * jnp.ones_like(x), tree)
+    tx = optim.adamw(1e-3, lr_multipliers=[(r"classifier/kernel", 10.0),
+                                              (r"classifier/.*", 3.0)],
+                        loraplus_ratio=4.0)
+    updates, _ = tx.update(grads, tx.init(tree), tree)
+    # Adam's first step moves every coordinate by -lr (m / sqrt(v) = 1): the multiplier shows
+    # directly; first match wins; LoRA+ still applies to the B factor outside the groups.
+    np.testing.assert_allclose(updates["classifier"]["kernel"], -1e-2, rtol=1e-4)
+    np.testing.assert_allclose(updates["classifier"]["bias"], -3e-3, rtol=1e-4)
+    np.testing.assert_allclose(updates["q"].a, -1e-3, rtol=1e-4)
+    np.testing.assert_allclose(updates["q"].b, -4e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="multiplier of 'x' must be > 0"):
+        optim.adamw(1e-3, lr_multipliers=[("x", 0.0)])

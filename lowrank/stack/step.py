@@ -36,7 +36,7 @@ from lowrank.train.step import make_eval_step, make_train_step
 
 # Arguments of lowrank.optim.adamw that decide its structure (Python branches): one value per
 # stack. The others may differ between members and are then mapped over as arrays.
-SHARED_OPTIMIZER_ARGS = ("clip_norm", "loraplus_ratio", "mask")
+SHARED_OPTIMIZER_ARGS = ("clip_norm", "loraplus_ratio", "lr_multipliers", "mask")
 MAPPED_OPTIMIZER_ARGS = ("weight_decay", "b1", "b2", "eps")
 
 

@@ -32,8 +32,9 @@ def default_config() -> ml_collections.ConfigDict:
         rslora, trainable, method). ``init`` "pissa" or "loftq" also makes the frozen base
         (``lowrank.init``; LoftQ quantizes it with the task's ``quant``).
       optimizer.learning_rate, .schedule ("constant", "warmup_cosine", "linear"),
-        .warmup_steps, .end_learning_rate, .weight_decay, .loraplus_ratio, .clip_norm (None:
-        no clipping), .b1, .b2, .eps: AdamW from :func:`lowrank.optim.adamw`.
+        .warmup_steps, .end_learning_rate, .weight_decay, .loraplus_ratio, .lr_multipliers
+        (``(regex, multiplier)`` pairs: a head learning faster than the body), .clip_norm
+        (None: no clipping), .b1, .b2, .eps: AdamW from :func:`lowrank.optim.adamw`.
       parallel.mode: "jit" (one device), "pmap" (data parallel over all devices) or "mesh"
         (jit over a (data, fsdp) mesh; the frozen base is split along fsdp).
       parallel.mesh_shape: (data, fsdp) sizes; one may be -1 for "the rest of the devices".
@@ -45,6 +46,10 @@ def default_config() -> ml_collections.ConfigDict:
         is moved to ``checkpoints.damaged/`` with a warning naming the step and the file, and
         the previous one is used; False raises that error instead.
       eval.every: evaluate every this many steps; 0 evaluates only at the end.
+      eval.select: None, or the metric ("accuracy", "loss", "perplexity") that picks the best
+        evaluation point: at each one that improves it, the task's ``test_batches`` are
+        scored (metrics and per-example scores), and ``TrainResult.best`` reports them
+        (``lowrank.train.selection``).
       log.every: write the train metrics of every this many steps (checks every step's loss).
       log.tensorboard: also write TensorBoard event files.
       export_adapters: write the adapters-only export at the end.
@@ -88,6 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
         end_learning_rate=0.0,
         weight_decay=0.0,
         loraplus_ratio=1.0,
+        lr_multipliers=(),
         clip_norm=placeholder(float),
         b1=0.9,
         b2=0.999,
@@ -96,7 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.parallel = ml_collections.ConfigDict(dict(mode="jit", mesh_shape=(-1, 1)))
     config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, resume=True,
                                                                fallback=True))
-    config.eval = ml_collections.ConfigDict(dict(every=0))
+    config.eval = ml_collections.ConfigDict(dict(every=0, select=placeholder(str)))
     config.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True))
     config.export_adapters = True
     config.lock()

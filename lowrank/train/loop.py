@@ -30,6 +30,7 @@ from lowrank.train.parallel import (
 )
 from lowrank.train.precision import cast_floating, resolve_dtype
 from lowrank.train.schedules import make_schedule
+from lowrank.train.selection import BestPoint, Selector, check_select, make_score_step
 from lowrank.train.state import TrainState
 from lowrank.train.step import make_eval_step, make_loss_fn, make_train_step
 from lowrank.train.stepping import StepLoop, pack_metrics
@@ -53,6 +54,8 @@ class TrainResult:
       loop_cpu_seconds: the process's CPU time (all threads) over the same span.
       timed_steps: how many steps ``loop_seconds`` covers.
       workdir: where files were written, or None.
+      best: the best validation point and the test split's metrics and per-example scores
+        at it (``config.eval.select``), or None.
     """
 
     state: TrainState
@@ -63,6 +66,7 @@ class TrainResult:
     loop_cpu_seconds: float
     timed_steps: int
     workdir: str | None
+    best: BestPoint | None = None
 
     @property
     def trainable(self) -> Any:
@@ -102,6 +106,7 @@ def check_config(config: Any) -> None:
         )
     resolve_dtype(config.compute_dtype)
     resolve_dtype(config.param_dtype)
+    check_select(config.eval.select)
 
 
 def _runner(config: Any, loss_fn, tx, schedule) -> tuple[Runner, list[str]]:
@@ -156,8 +161,9 @@ def adamw_arguments(config: Any, schedule: optax.ScalarOrSchedule) -> dict[str, 
     """
     o = config.optimizer
     return dict(learning_rate=schedule, weight_decay=o.weight_decay,
-                loraplus_ratio=o.loraplus_ratio, clip_norm=o.clip_norm, b1=o.b1, b2=o.b2,
-                eps=o.eps)
+                loraplus_ratio=o.loraplus_ratio,
+                lr_multipliers=tuple((str(p), float(m)) for p, m in o.lr_multipliers),
+                clip_norm=o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps)
 
 
 def init_state(config: Any, task: Task) -> TrainState:
@@ -284,8 +290,10 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
             writer = MetricsWriter(workdir, start_step=start,
                                    tensorboard=config.log.tensorboard)
         progress = Progress(config.steps, start, quiet=config.quiet)
+        selector = _selector(config, task, workdir, start)
         loop = StepLoop(config, task, runner, metric_names, checkpointer=checkpointer,
-                        writer=writer, progress=progress, meta=meta, start=start)
+                        writer=writer, progress=progress, meta=meta, start=start,
+                        selector=selector)
         placed = loop.run(runner.place_state(state), runner.place_frozen(frozen),
                           jax.jit(make_eval_step(loss_fn)))
         final = runner.host_state(placed)
@@ -298,7 +306,21 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
                 resource.close()
     return TrainResult(final, loop.last_metrics, loop.eval_metrics, start, loop.loop_seconds,
                        loop.loop_cpu_seconds, max(config.steps - start - 1, 0),
-                       str(workdir) if workdir else None)
+                       str(workdir) if workdir else None,
+                       selector.best if selector is not None else None)
+
+
+def _selector(config: Any, task: Task, workdir, start: int) -> Selector | None:
+    """The run's best-point keeper when ``config.eval.select`` asks for one."""
+    if config.eval.select is None:
+        return None
+    if task.eval_batches is None:
+        raise ValueError(f"config.eval.select {config.eval.select!r} selects on the evaluation "
+                         "split, but the task has no eval_batches")
+    score_step = make_score_step(task.model, task.forward, task.loss,
+                                 compute_dtype=resolve_dtype(config.compute_dtype))
+    return Selector(config.eval.select, task.test_batches,
+                    jax.jit(score_step) if score_step is not None else None, workdir, start)
 
 
 def _resume(checkpointer, config, abstract: TrainState, meta: dict) -> TrainState | None:

@@ -75,6 +75,40 @@ def lm_loss(logits: jax.Array, batch: Mapping[str, Any]):
 LOSSES: dict[str, LossFn] = {"classification": classification_loss, "lm": lm_loss}
 
 
+def classification_scores(logits: jax.Array, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Per example: the predicted class and whether it is right (``[B]`` each), what a paired
+    test of two classifiers needs (``lowrank.stats.mcnemar``).
+
+    >>> scores = classification_scores(jnp.array([[2.0, 0.0], [0.0, 2.0]]),
+    ...                                {"labels": jnp.array([0, 0])})
+    >>> scores["prediction"].tolist(), scores["correct"].tolist()
+    ([0, 1], [1, 0])
+    """
+    prediction = logits.argmax(-1).astype(jnp.int32)
+    return {"prediction": prediction,
+            "correct": (prediction == batch["labels"]).astype(jnp.int32)}
+
+
+def lm_scores(logits: jax.Array, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Per sequence: the summed next-token cross-entropy (``nll``) over its counted tokens
+    and their number (``tokens``), so a corpus's loss is ``sum(nll) / sum(tokens)`` and a
+    paired bootstrap can resample sequences.
+
+    >>> scores = lm_scores(jnp.zeros((1, 3, 4)), {"targets": jnp.array([[1, 2, 3]])})
+    >>> round(float(scores["nll"][0]), 4), scores["tokens"].tolist()
+    (4.1589, [3.0])
+    """
+    targets = batch["targets"]
+    mask = jnp.ones(targets.shape, jnp.float32)
+    if batch.get("mask") is not None:
+        mask = batch["mask"].astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return {"nll": (nll * mask).sum(-1), "tokens": mask.sum(-1)}
+
+
+SCORES: dict[str, Callable] = {"classification": classification_scores, "lm": lm_scores}
+
+
 def get_loss(loss: str | LossFn) -> LossFn:
     """A loss by name ("classification", "lm"), or the callable itself.
 

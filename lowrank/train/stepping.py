@@ -49,11 +49,11 @@ class StepLoop:
     checkpointing every ``config.checkpoint.every`` steps and after the last."""
 
     def __init__(self, config, task, runner, metric_names, *, checkpointer, writer, progress,
-                 meta, start):
+                 meta, start, selector=None):
         self.config, self.task, self.runner = config, task, runner
         self.metric_names = metric_names
         self.checkpointer, self.writer, self.progress = checkpointer, writer, progress
-        self.meta, self.start = meta, start
+        self.meta, self.start, self.selector = meta, start, selector
         self.config_json = json.loads(config.to_json_best_effort())
         self.last_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] | None = None
@@ -140,6 +140,11 @@ class StepLoop:
         self.eval_metrics = evaluate(eval_step, trainable, frozen_view, self.task.eval_batches())
         if self.writer is not None:
             self.writer.write(step, self.eval_metrics, prefix="eval/")
+        if self.selector is not None and self.selector.observe(
+                step, self.eval_metrics, eval_step, trainable, frozen_view):
+            best = self.selector.best
+            if self.writer is not None and best.test is not None:
+                self.writer.write(step, best.test, prefix="test/")
 
 
 def _check_batch(batch, batch_size: int, step: int) -> None:

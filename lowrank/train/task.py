@@ -48,12 +48,15 @@ class Task:
         run sees exactly the batches an uninterrupted one would.
       loss: "classification" (``batch["labels"]``), "lm" (``batch["targets"]``, optional
         ``batch["mask"]``) or ``fn(outputs, batch) -> (mean loss, metrics)``.
-      eval_batches: ``() -> iterable of batches`` for evaluation, or None.
+      eval_batches: ``() -> iterable of batches`` for evaluation (the validation split when
+        ``config.eval.select`` picks a best point on it), or None.
       forward: ``fn(model, frozen, trainable, batch, rng) -> outputs`` (see
         :func:`default_forward`); override it for models with their own dropout or several
         inputs.
       layouts: passed to ``lowrank.init_adapters`` for kernels with more than two axes.
       source: where the base weights came from, recorded in checkpoints next to their hash.
+      test_batches: ``() -> iterable of batches`` of the test split, scored at the best
+        validation point when ``config.eval.select`` is set; None: never.
       quant: a ``QuantSpec`` to quantize the (float) ``params`` with at the start of a run,
         through ``lowrank.init``: what a LoftQ init (``config.lora.init="loftq"``) fits its
         adapters to. None: ``params`` are the frozen tree as they are (PiSSA still makes its
@@ -75,6 +78,7 @@ class Task:
     layouts: Mapping | None = None
     source: str = "unspecified"
     quant: Any = None
+    test_batches: Callable[[], Iterable[Batch]] | None = None
 
 
 def load_task(config: Any) -> Task:

@@ -3,7 +3,7 @@
 ``classifier``: an MLP labels Gaussian features by a fixed random teacher (learnable).
 ``lm``: an embedding-MLP language model on sequences that count up modulo the vocabulary.
 Both read optional settings from ``config.toy`` (width, depth, features, classes, vocab,
-length, base_seed, examples, eval_examples). Batches come from ``lowrank.data``: training
+length, base_seed, examples, eval_examples, test_examples). Batches come from ``lowrank.data``: training
 batch ``step`` is ``batch_at(dataset, step, batch_size, seed)``, a function of (seed, step).
 """
 
@@ -21,7 +21,7 @@ from lowrank.train.task import Task
 
 _DEFAULTS = dict(
     width=32, depth=2, features=16, classes=8, vocab=32, length=8, base_seed=0, examples=512,
-    eval_examples=64,
+    eval_examples=64, test_examples=64,
 )
 
 
@@ -68,6 +68,7 @@ def _task(config, model, params, make_dataset, loss, source) -> Task:
     s = _settings(config)
     rng = np.random.default_rng(s["base_seed"])
     train_set, eval_set = make_dataset(rng, s["examples"]), make_dataset(rng, s["eval_examples"])
+    test_set = make_dataset(rng, s["test_examples"])  # drawn last: the other two stay as they were
     batch_size = config.batch_size
 
     def train_batch(seed: int, step: int) -> dict:
@@ -76,8 +77,12 @@ def _task(config, model, params, make_dataset, loss, source) -> Task:
     def eval_batches():
         return data.eval_batches(eval_set, batch_size)
 
-    settings = ", ".join(f"{k}={v}" for k, v in s.items())
-    return Task(model, params, train_batch, loss, eval_batches, source=f"{source}({settings})")
+    def test_batches():
+        return data.eval_batches(test_set, batch_size)
+
+    settings = ", ".join(f"{k}={v}" for k, v in s.items() if k != "test_examples")
+    return Task(model, params, train_batch, loss, eval_batches, source=f"{source}({settings})",
+                test_batches=test_batches)
 
 
 def classifier(config: Any) -> Task:
