@@ -3,8 +3,9 @@
 ``classifier``: an MLP labels Gaussian features by a fixed random teacher (learnable).
 ``lm``: an embedding-MLP language model on sequences that count up modulo the vocabulary.
 Both read optional settings from ``config.toy`` (width, depth, features, classes, vocab,
-length, base_seed, examples, eval_examples, test_examples). Batches come from ``lowrank.data``: training
-batch ``step`` is ``batch_at(dataset, step, batch_size, seed)``, a function of (seed, step).
+length, base_seed, examples, eval_examples, test_examples). Batches come from
+``lowrank.data``: training batch ``step`` is ``batch_at(dataset, step, batch_size, seed)``, a
+function of (seed, step).
 """
 
 from __future__ import annotations
