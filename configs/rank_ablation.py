@@ -2,30 +2,39 @@
 1, 2, 4, 8, 16, 64 on {q}, {v}, {q, v}, {q, k, v, o} or every linear layer, against full
 fine-tuning and training the classifier head alone.
 
-    python experiments/sweep.py --config=configs/rank_ablation.py --seeds=2
-    python experiments/sweep.py --config=configs/rank_ablation.py:quick   # bash scripts/run.sh
-    python experiments/sweep.py --config=configs/rank_ablation.py:tiny --seeds=1
+    python experiments/tune.py  --config=configs/rank_ablation.py --seeds=3   # the protocol
+    python experiments/sweep.py --config=configs/rank_ablation.py:quick       # bash scripts/run.sh
+    python experiments/tune.py  --config=configs/rank_ablation.py:tiny --seeds=2
 
-alpha stays 16 for every rank (scale alpha / r), as in the paper. Each method gets the learning
-rate usual for it: 3e-3 for LoRA (short runs), 1e-4 for full fine-tuning, 1e-2 for the head alone.
+The default and "tiny" variants follow the results protocol (``configs/protocol.py``): epochs
+over the whole training split, the test split scored at the best validation epoch, each
+method's learning rate tuned on validation from a grid, the new head at its own rate, seeds
+that vary the head too, and every rank under two scale conventions (constant alpha/r = 2, and
+rsLoRA), so that rank is not confounded with step size. "quick" is the Quickstart's 7-run grid
+of 20-step runs at fixed rates (LoRA 3e-3 with alpha 16; full 1e-4; head 1e-2), a smoke test
+rather than a result.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from configs import protocol
 from configs.finetune_bbc import get_config as bbc_config
 
-BASELINE_LEARNING_RATES = {"full": 1e-4, "head": 1e-2}
+BASELINE_LEARNING_RATES = {"full": 1e-4, "head": 1e-2}  # the "quick" variant's fixed rates
+EPOCHS = 3
+TRAIN_EXAMPLES = 1779  # the BBC training split (lowrank.data.split_bbc)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The finetune_bbc config plus the grid (``sweep.ranks``, ``sweep.adapts``,
-    ``sweep.baselines``); "quick" is a 7-run grid of 20-step runs, "tiny" a 6-run grid on a
-    tiny random BERT.
+    ``sweep.baselines``, and under the protocol ``sweep.scales`` and
+    ``sweep.learning_rates``); "quick" is a 7-run grid of 20-step runs, "tiny" the protocol on
+    a tiny random BERT.
 
-    >>> get_config("tiny").sweep.ranks, get_config("quick").sweep.adapts
-    ((1, 4), ('q', 'qv', 'all'))
+    >>> get_config().steps, get_config().eval.select, get_config("quick").eval.select
+    (165, 'accuracy', None)
     """
     config = bbc_config(arg)
     with config.unlocked():
@@ -35,21 +44,38 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if arg == "quick":
             config.sweep.ranks, config.sweep.adapts = (2, 8), ("q", "qv", "all")
             config.sweep.baselines = ("head",)
+            return config
         if arg == "tiny":
+            protocol.apply(config, epochs=2, train_examples=config.data.train_examples)
             config.sweep.ranks, config.sweep.adapts = (1, 4), ("q", "all")
+            config.sweep.learning_rates.lora = (1e-3, 3e-3)
+            config.sweep.learning_rates.full = (3e-5, 1e-4)
+            config.sweep.learning_rates.head = (1e-2, 3e-2)
+        else:
+            protocol.apply(config, epochs=EPOCHS, train_examples=TRAIN_EXAMPLES)
     return config
 
 
 def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
-    """Every (targets, rank) pair, then one run per baseline method.
+    """Every (targets, rank, scale convention, learning rate), then each baseline at each
+    of its learning rates ("quick": every (targets, rank) at alpha 16, one rate per method).
 
-    >>> len(get_sweep(get_config()))
-    32
-    >>> get_sweep(get_config("tiny"))[-1]
-    {'method': 'head', 'optimizer.learning_rate': 0.01}
+    >>> len(get_sweep(get_config())), len(get_sweep(get_config("quick")))
+    (186, 7)
+    >>> get_sweep(get_config("tiny"))[0]
+    {'method': 'lora', 'adapt': 'q', 'lora.rank': 1, 'lora.alpha': 2.0, 'lora.rslora': False, \
+'optimizer.learning_rate': 0.001}
     """
-    runs = [{"method": "lora", "adapt": adapt, "lora.rank": rank}
-            for adapt in config.sweep.adapts for rank in config.sweep.ranks]
-    runs += [{"method": method, "optimizer.learning_rate": BASELINE_LEARNING_RATES[method]}
-             for method in config.sweep.baselines]
+    if "learning_rates" not in config.sweep:  # "quick"
+        runs = [{"method": "lora", "adapt": adapt, "lora.rank": rank}
+                for adapt in config.sweep.adapts for rank in config.sweep.ranks]
+        return runs + [{"method": method, "optimizer.learning_rate": rate}
+                       for method, rate in BASELINE_LEARNING_RATES.items()
+                       if method in config.sweep.baselines]
+    runs = [{"method": "lora", "adapt": adapt, "lora.rank": rank,
+             **protocol.scale_overrides(scale, rank), **lr}
+            for adapt in config.sweep.adapts for rank in config.sweep.ranks
+            for scale in config.sweep.scales for lr in protocol.lr_grid(config, "lora")]
+    runs += [{"method": method, **lr} for method in config.sweep.baselines
+             for lr in protocol.lr_grid(config, method)]
     return runs

@@ -76,6 +76,7 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     check_experiment_fields(config, family)
     config = config.copy_and_resolve_references()
     lora = config.lora
+    _head_rate(config, family)
     if config.method == "lora":
         if config.adapt != "custom":
             lora.targets = TARGET_SETS[family][config.adapt]
@@ -91,6 +92,16 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     lora.targets = None
     lora.trainable = ".*" if config.method == "full" else HEADS[family]
     return config
+
+
+def _head_rate(config: ml_collections.ConfigDict, family: str) -> None:
+    """A method that trains the head beside a body (``lora``, ``full``) gets the head's own
+    rate, ``config.head_learning_rate`` (the protocol's), as a learning-rate multiplier."""
+    head_rate = config.get("head_learning_rate", None)
+    if head_rate is None or config.method == "head" or HEADS[family] is None:
+        return
+    ratio = float(head_rate) / float(config.optimizer.learning_rate)
+    config.optimizer.lr_multipliers = ((HEADS[family], ratio),)
 
 
 def count_trainable(trainable: Any) -> int:
@@ -142,7 +153,7 @@ def bbc_arrays(max_length: int) -> dict[str, dict[str, np.ndarray]]:
     ``{split: {"input_ids", "attention_mask", "labels"}}``, cached on disk by split digest.
 
     >>> bbc_arrays(32)["test"]["input_ids"].shape  # doctest: +SKIP
-    (222, 32)
+    (223, 32)
     """
     splits = data.split_bbc(data.load_bbc())
     file = cache_dir() / "bbc_tokens" / f"{data.split_digest(splits)[:16]}_L{max_length}.npz"
@@ -203,6 +214,23 @@ def _bert_base(name: str, num_labels: int, tiny: tuple) -> tuple[Any, dict]:
     raise ValueError(f"config.model.name {name!r} is not one of ('minilm', 'tiny')")
 
 
+def reseeded_head(model: Any, params: dict, seed: int) -> dict:
+    """``params`` with the classifier head drawn afresh from ``seed`` (normal, std
+    ``initializer_range``, zero bias: how the model initialises it), so that runs of different
+    seeds also differ in their head's initialisation, as they do in the papers' protocols.
+
+    >>> model, params = _bert_base("tiny", 5, (32, 2, 4, 64))
+    >>> a, b = reseeded_head(model, params, 1), reseeded_head(model, params, 2)
+    >>> bool((a["classifier"]["kernel"] != b["classifier"]["kernel"]).all())
+    True
+    """
+    head = params["classifier"]
+    std = model.config.initializer_range
+    kernel = std * jax.random.normal(jax.random.key(seed), head["kernel"].shape,
+                                     head["kernel"].dtype)
+    return {**params, "classifier": {"kernel": kernel, "bias": jnp.zeros_like(head["bias"])}}
+
+
 def _bert_forward(model, frozen, trainable, batch, rng):
     return lr.apply(model, frozen, trainable, batch["input_ids"], batch["attention_mask"],
                     lora_rng=rng)
@@ -212,10 +240,14 @@ def _bbc(config: Any) -> tuple[Task, BaseInfo]:
     m, d = config.model, config.data
     model, params = _bert_base(m.name, 5, (m.hidden_size, m.num_layers, m.num_heads,
                                            m.intermediate_size))
+    if m.get("head_init", "fixed") == "seed":
+        params = reseeded_head(model, dict(params), config.seed)
     frozen, info = _quantize(dict(params), config, "bert")
     splits = bbc_arrays(d.max_length)
     train_arrays = stratified_subset(splits["train"], d.train_examples)
     eval_arrays = stratified_subset(splits[d.eval_split], d.eval_examples)
+    test_split = d.get("test_split", None)
+    test_arrays = stratified_subset(splits[test_split], d.eval_examples) if test_split else None
     batch_size = config.batch_size
 
     def train_batch(seed: int, step: int) -> dict:
@@ -224,8 +256,12 @@ def _bbc(config: Any) -> tuple[Task, BaseInfo]:
     def eval_batches():
         return data.eval_batches(eval_arrays, d.eval_batch_size)
 
+    def test_batches():
+        return data.eval_batches(test_arrays, d.eval_batch_size)
+
     task = Task(model, frozen, train_batch, "classification", eval_batches,
-                forward=_bert_forward, source=f"bbc:{m.name}")
+                forward=_bert_forward, source=f"bbc:{m.name}",
+                test_batches=test_batches if test_split else None)
     return task, info
 
 

@@ -4,7 +4,10 @@
     python experiments/run.py --config=configs/rank_ablation.py:tiny --config.lora.rank=4 \\
         --config.adapt=all --config.seed=1 --db=workdir/results.sqlite --workdir=workdir/runs
 
-The row holds every config field (flattened), the evaluation metrics, trainable and base
+The row holds every config field (flattened), the evaluation metrics (with
+``config.eval.select``: the test split's at the best validation point, ``val_*`` the
+validation metrics there, ``best_step``, and each test example's scores as JSON in
+``predictions``, for paired tests), trainable and base
 parameters, bits per base parameter, seconds per step (compilation excluded), peak memory
 (the device's peak where JAX reports one, else the process's peak resident memory), seed,
 git commit and config hash. A run that raises writes a "failed" row with its traceback.
@@ -105,7 +108,13 @@ def _row(config, result, info, start: float, stack_size: int = 1) -> tuple[dict,
     """The database fields and metrics of one finished run (``stack_size`` runs trained
     together share their step time: each row gets its amortised share)."""
     metrics = {**(result.eval_metrics or {})}
-    metrics.pop("weight", None)
+    best = getattr(result, "best", None)
+    if best is not None:  # the protocol's numbers: the test split at the best validation point
+        metrics = {f"final_val_{k}": v for k, v in metrics.items()}
+        metrics.update({f"val_{k}": v for k, v in best.validation.items()})
+        metrics.update(best.test or {})
+        metrics["best_step"] = best.step
+    metrics = {k: v for k, v in metrics.items() if not k.endswith("weight")}
     metrics["train_loss"] = result.metrics.get("loss", _logged_loss(result.workdir))
     metrics["weight_rmse"] = info.weight_rmse
     metrics["quant_bits_per_param"] = info.quant_bits_per_param
@@ -120,6 +129,8 @@ def _row(config, result, info, start: float, stack_size: int = 1) -> tuple[dict,
         wall_seconds=(time.perf_counter() - start) / stack_size,
         git_commit=git_commit(),
     )
+    if best is not None and best.scores is not None:
+        fields["predictions"] = json.dumps(best.scores, separators=(",", ":"))
     return fields, metrics
 
 
@@ -215,6 +226,11 @@ def run_stacked(configs: list, *, db_path: str | Path, experiment: str,
     >>> rows = run_stacked(two, db_path=":memory:", experiment="t")  # doctest: +SKIP
     """
     start = time.perf_counter()
+    selecting = [c for c in configs if c.eval.get("select", None) is not None]
+    if selecting:
+        raise ValueError("stacked runs do not select a best validation point yet "
+                         f"(config.eval.select {selecting[0].eval.select!r}): run them one by "
+                         "one (sweep.py --batch=1)")
     db = results.ResultsDB(db_path)
     rows = []
     if not replace:

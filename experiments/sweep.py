@@ -94,7 +94,8 @@ def groups_of(config, pending: list[tuple[dict, str]], batch: int) -> list[list[
 
 
 def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experiment: str,
-          workdir: str | None = None, dry_run: bool = False, batch: int = 1) -> dict[str, int]:
+          workdir: str | None = None, dry_run: bool = False, batch: int = 1,
+          runs: list[dict] | None = None) -> dict[str, int]:
     """Runs what is missing of the sweep of ``spec``; returns counts of done, skipped and
     failed runs.
 
@@ -107,11 +108,13 @@ def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experime
       workdir: passed on to run.py.
       dry_run: only list the runs.
       batch: train up to this many compatible runs together (``lowrank.stack``).
+      runs: the override dicts to run (each with its ``seed``) instead of the config's
+        ``get_sweep`` times ``seeds`` (``experiments/tune.py``'s second phase).
     """
     module, config = common.load(spec)
     if base_args:  # parsed as run.py parses them, so that the hashes agree
         config = _parsed(spec, base_args)
-    runs = expand(module, config, seeds)
+    runs = expand(module, config, seeds) if runs is None else runs
     db = results.ResultsDB(db_path)
     finished = db.finished_hashes(experiment)
     todo = []

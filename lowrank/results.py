@@ -53,6 +53,7 @@ _FIXED_COLUMNS = {
     "git_commit": "TEXT",
     "finished_at": "TEXT",
     "traceback": "TEXT",
+    "predictions": "TEXT",  # JSON: per-example test scores (lowrank.train.selection)
 }
 # A finished run is one (experiment, config hash, seed): at most one "ok" row each. NULLs
 # are coalesced because SQLite's unique indexes treat every NULL as distinct.
@@ -259,7 +260,8 @@ class ResultsDB:
           traceback: the error of a failed run.
           replace: replace a finished row of the same run instead of refusing.
           **fields: any of the fixed columns (trainable_params, bits_per_param,
-            step_seconds, peak_memory_mb, wall_seconds, git_commit, base_params).
+            step_seconds, peak_memory_mb, wall_seconds, git_commit, base_params,
+            predictions).
         """
         if status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {STATUSES}")

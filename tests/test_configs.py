@@ -2,8 +2,9 @@
 and what the :tiny BBC configs train and evaluate on."""
 
 import dataclasses
-import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,14 +23,6 @@ sys.path.insert(0, str(ROOT))
 from configs import common, tasks  # noqa: E402
 
 COMMITTED = ROOT / "experiments" / "results" / "runs.csv"
-
-
-def _sweep_module():
-    spec = importlib.util.spec_from_file_location("experiments_sweep_configs",
-                                                  ROOT / "experiments" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _baseline(method: str):
@@ -93,19 +86,28 @@ def test_tiny_head_baseline_loss_decreases(tmp_path):
 # ---- committed results --------------------------------------------------------------------
 
 @pytest.mark.skipif(not COMMITTED.is_file(), reason="no committed results")
-def test_committed_results_are_recognised_as_finished():
-    """Every committed row's hash is one the sweep computes from today's configs, so
-    ``sweep.py`` skips those runs (baselines included) and ``report.py`` finds them."""
-    sweep = _sweep_module()
+def test_reproduce_sh_pins_the_commits_the_committed_rows_record(tmp_path):
+    """reproduce.sh reruns each experiment at the commit its rows record, and refuses to run
+    when its pins and runs.csv disagree."""
+    script = ROOT / "experiments" / "results" / "reproduce.sh"
+    env = {**os.environ, "PY": sys.executable}
+    done = subprocess.run(["bash", str(script), "--check"], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr
     frame = pd.read_csv(COMMITTED)
-    for experiment in ("rank_ablation", "quant_ablation"):
-        module, config = common.load(f"configs/{experiment}.py")
-        expected = {results.config_hash(results.apply_overrides(config, overrides))
-                    for overrides in sweep.expand(module, config, seeds=2)}
-        rows = frame[(frame.experiment == experiment) & (frame.status == "ok")]
-        assert set(rows.config_hash) == expected, experiment
-    methods = set(frame["config.method"])
-    assert methods == {"lora", "full", "head"}
+    text = script.read_text()
+    for commit in set(frame[frame.status == "ok"].git_commit):
+        assert commit in text
+    # a pin that no longer matches the rows is refused before anything runs
+    stale = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", "--no-checkout", str(ROOT), str(stale)], check=True)
+    (stale / "experiments" / "results").mkdir(parents=True)
+    (stale / "experiments" / "results" / "reproduce.sh").write_text(
+        text.replace("eb38e647586c73058a04b3735f312894aefa63f7", "0" * 40))
+    (stale / "experiments" / "results" / "runs.csv").write_text(COMMITTED.read_text())
+    done = subprocess.run(["bash", str(stale / "experiments/results/reproduce.sh")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "differ from those runs.csv records" in done.stderr
 
 
 # ---- the :tiny BBC subsets ------------------------------------------------------------------

@@ -2,6 +2,7 @@
 sweep expansion, override errors, and report tables against hand-computed values."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -88,10 +89,14 @@ def test_run_script_rejects_unknown_override_listing_valid_keys():
 def test_sweeps_expand_to_the_papers_grids():
     module, config = common.load("configs/rank_ablation.py")
     runs = sweep.expand(module, config, seeds=2)
-    assert len(runs) == 2 * (6 * 5 + 2)
-    assert runs[0] == {"method": "lora", "adapt": "q", "lora.rank": 1, "seed": 0}
+    # 5 target sets x 6 ranks x 2 scale conventions x 3 learning rates, 2 baselines x 3 rates
+    assert len(runs) == 2 * (5 * 6 * 2 * 3 + 2 * 3)
+    assert runs[0] == {"method": "lora", "adapt": "q", "lora.rank": 1, "lora.alpha": 2.0,
+                       "lora.rslora": False, "optimizer.learning_rate": 3e-4, "seed": 0}
     assert {r["lora.rank"] for r in runs if "lora.rank" in r} == {1, 2, 4, 8, 16, 64}
-    assert [r["seed"] for r in runs[:32]] == [0] * 32  # every setting once before any twice
+    assert {(r["lora.alpha"] / r["lora.rank"]) for r in runs
+            if "lora.rank" in r and not r["lora.rslora"]} == {2.0}  # a constant scale
+    assert [r["seed"] for r in runs[:186]] == [0] * 186  # every setting once before any twice
     hashes = {results.config_hash(results.apply_overrides(config, r)) for r in runs}
     assert len(hashes) == len(runs)
     module, config = common.load("configs/quant_ablation.py")
@@ -147,6 +152,11 @@ def test_tiny_config_runs_end_to_end(spec, overrides):
         assert 0.0 <= row["accuracy"] <= 1.0
     if config.method == "full":  # every weight of the tiny BERT (placeholder excluded)
         assert row["trainable_params"] == row["base_params"]
+    if config.eval.get("select", None):  # the protocol: test scores at the best val epoch
+        assert row["best_step"] in range(config.eval.every, config.steps + 1, config.eval.every)
+        scores = json.loads(row["predictions"])
+        assert len(scores["correct"]) == config.data.eval_examples
+        assert np.mean(scores["correct"]) == pytest.approx(row["accuracy"])
 
 
 # ---- report -----------------------------------------------------------------------------

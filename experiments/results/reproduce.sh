@@ -1,17 +1,51 @@
 #!/usr/bin/env bash
-# The exact commands behind the committed results (this folder). Resumable: rerunning skips
-# every run already in the database. Seed 0 of both ablations first, then seed 1, so that a
-# cut-short session still has every setting once.
+# Regenerates every committed table, figure, runs.csv and the adapters the subspace table reads,
+# each experiment from the commit its rows record (runs.csv's git_commit), so the code that ran
+# is the code that made the rows. Resumable: rerunning skips every run already in the database.
+#
+#   bash experiments/results/reproduce.sh           # run what is missing, then the report
+#   bash experiments/results/reproduce.sh --check   # only check the pins against runs.csv
+#
+# Each experiment runs in a detached git worktree at its commit (under $WORK/src/<commit>),
+# with this checkout's virtual environment; the report is made by this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-DB=${DB:-workdir/results.sqlite}
-RUNS=${RUNS:-workdir/runs}
-PY=${PY:-.venv/bin/python}
-for seeds in 1 2; do
-  $PY experiments/sweep.py --config=configs/rank_ablation.py --seeds=$seeds --db=$DB \
-    --workdir=$RUNS --config.export_adapters=True
-  $PY experiments/sweep.py --config=configs/quant_ablation.py --seeds=$seeds --db=$DB \
-    --workdir=$RUNS
+ROOT=$(pwd)
+WORK=${WORK:-$ROOT/workdir}
+DB=${DB:-$WORK/results.sqlite}
+RUNS=${RUNS:-$WORK/runs}
+PY=${PY:-$ROOT/.venv/bin/python}
+
+# experiment | commit its rows record | the command that made them (run from that commit)
+PINS=(
+  "rank_ablation|eb38e647586c73058a04b3735f312894aefa63f7|for s in 1 2; do \$PY experiments/sweep.py --config=configs/rank_ablation.py --seeds=\$s --db=\$DB --workdir=\$RUNS --config.export_adapters=True; done"
+  "quant_ablation|eb38e647586c73058a04b3735f312894aefa63f7|for s in 1 2; do \$PY experiments/sweep.py --config=configs/quant_ablation.py --seeds=\$s --db=\$DB --workdir=\$RUNS; done"
+  "lm_domain|4603a78b87f48dbebfa581ab9ab562c8b1b38cb1|\$PY experiments/sweep.py --config=configs/lm_domain.py --seeds=2 --db=\$DB --workdir=\$RUNS"
+)
+
+# The pins must be the commits runs.csv records, experiment by experiment.
+recorded=$("$PY" - <<'EOF'
+import pandas as pd
+frame = pd.read_csv("experiments/results/runs.csv")
+for (experiment, commit), _ in frame[frame.status == "ok"].groupby(["experiment", "git_commit"]):
+    print(f"{experiment}|{commit}")
+EOF
+)
+pinned=$(printf '%s\n' "${PINS[@]}" | cut -d'|' -f1,2 | sort)
+if [ "$(echo "$recorded" | sort)" != "$pinned" ]; then
+  echo "reproduce.sh: the pinned commits differ from those runs.csv records:" >&2
+  diff <(echo "$recorded" | sort) <(echo "$pinned") >&2 || true
+  exit 1
+fi
+[ "${1:-}" = "--check" ] && { echo "reproduce.sh: pins match runs.csv"; exit 0; }
+
+mkdir -p "$WORK/src"
+for pin in "${PINS[@]}"; do
+  IFS='|' read -r experiment commit command <<< "$pin"
+  src="$WORK/src/$commit"
+  [ -d "$src" ] || git worktree add --detach "$src" "$commit"
+  echo "== $experiment at ${commit:0:7}: $command"
+  (cd "$src" && export PY DB RUNS && eval "$command")
 done
-$PY experiments/sweep.py --config=configs/lm_domain.py --seeds=2 --db=$DB --workdir=$RUNS
-$PY experiments/report.py --db=$DB --runs=$RUNS --out=experiments/results
+"$PY" experiments/report.py --db="$DB" --runs="$RUNS" --out=experiments/results \
+  --readme=experiments/results/README.md

@@ -79,7 +79,7 @@ def split_bbc(
     articles by id.
 
     >>> {k: len(v) for k, v in split_bbc(load_bbc()).items()}  # doctest: +SKIP
-    {'train': 1780, 'validation': 223, 'test': 222}
+    {'train': 1779, 'validation': 223, 'test': 223}
     """
     if len(fractions) != len(SPLITS):
         raise ValueError(f"fractions gives one share per split of {SPLITS}, got {fractions}")

@@ -1,0 +1,85 @@
+"""A sweep under the results protocol: tune each setting's learning rate on the validation
+split at seed 0, then run the other seeds at the chosen rate.
+
+    python experiments/tune.py --config=configs/rank_ablation.py --seeds=3
+    python experiments/tune.py --config=configs/rank_ablation.py:tiny --seeds=2 --dry_run
+
+Phase 1 is ``sweep.py --seeds=1`` over the config's whole grid (every learning rate of
+``config.sweep.learning_rates``); phase 2 picks, per setting, the rate whose seed-0 run has the
+best validation metric (``lowrank.tuning.choose``) and runs seeds 1 .. N-1 of it only. Both
+phases skip what the database already holds, so rerunning the command resumes it.
+``experiments/report.py`` makes the same choice from the rows when it builds the tables.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "experiments"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import sweep as sweep_lib  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from configs import common  # noqa: E402
+from lowrank import results, tuning  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def chosen_runs(spec: str, base_args: list[str], *, db_path: str, experiment: str,
+                seeds: int) -> list[dict]:
+    """The phase-2 override dicts: for every setting whose learning rate the seed-0 rows
+    chose, seeds 1 .. ``seeds`` - 1 at that rate (nothing for settings not yet run)."""
+    module, config = common.load(spec)
+    if base_args:
+        config = sweep_lib._parsed(spec, base_args)
+    db = results.ResultsDB(db_path)
+    try:
+        frame = db.frame("ok")
+    finally:
+        db.close()
+    frame = frame[frame["experiment"] == experiment] if not frame.empty else frame
+    kept = set(tuning.tuned(frame)["config_hash"]) if not frame.empty else set()
+    runs = []
+    for overrides in module.get_sweep(config):
+        first = results.apply_overrides(config, {**overrides, "seed": 0})
+        if results.config_hash(first) in kept:
+            runs += [{**overrides, "seed": seed} for seed in range(1, seeds)]
+    return runs
+
+
+def tune(spec: str, base_args: list[str], *, seeds: int, db_path: str, experiment: str,
+         workdir: str | None = None, dry_run: bool = False) -> dict[str, int]:
+    """Both phases (see the module docstring); returns the counts of both together."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    kwargs = dict(db_path=db_path, experiment=experiment, workdir=workdir, dry_run=dry_run)
+    counts = sweep_lib.sweep(spec, base_args, seeds=1, **kwargs)
+    second = chosen_runs(spec, base_args, db_path=db_path, experiment=experiment, seeds=seeds)
+    if second:
+        more = sweep_lib.sweep(spec, base_args, seeds=seeds, runs=second, **kwargs)
+        counts = {k: counts[k] + more[k] for k in counts}
+    return counts
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if FLAGS.config is None:
+        raise app.UsageError("--config=configs/x.py[:variant] is required")
+    experiment = FLAGS.experiment or common.experiment_name(FLAGS.config)
+    counts = tune(FLAGS.config, sweep_lib.BASE_ARGS, seeds=FLAGS.seeds, db_path=FLAGS.db,
+                  experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run)
+    print(f"{experiment}: {counts['done']} run, {counts['skipped']} already done, "
+          f"{counts['failed']} failed")
+    if counts["failed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    sweep_lib.define_flags()
+    app.run(main, flags_parser=sweep_lib.split_argv)

@@ -1,0 +1,88 @@
+"""Hyper-parameters tuned on the validation split, chosen from the results database's rows.
+
+A sweep that tries a grid of learning rates (or any other keys) for every setting files one
+row per (setting, rate, seed). :func:`choose` picks, per setting ("cell": every config field
+but the tuned keys and the seed), the rate whose run at the tuning seed has the best
+validation metric; :func:`tuned` keeps only the rows at the chosen rates, all seeds. The sweep
+driver (``experiments/tune.py``) and the tables (``experiments/report.py``) both call it, so
+the rows that are reported are the ones the protocol selected, and nothing is chosen on test.
+
+>>> import pandas as pd
+>>> frame = pd.DataFrame({
+...     "experiment": ["e"] * 4, "seed": [0, 0, 1, 1], "config_hash": list("abcd"),
+...     "config.rank": [4] * 4, "config.optimizer.learning_rate": [1e-3, 3e-3, 1e-3, 3e-3],
+...     "config.seed": [0, 0, 1, 1], "metric.val_accuracy": [0.8, 0.9, 0.95, 0.7]})
+>>> tuned(frame)["config_hash"].tolist()   # seed 0 chose 3e-3; seed 1 runs at it
+['b', 'd']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+LEARNING_RATE = "config.optimizer.learning_rate"
+
+
+def _cell(row: Any, tuned_keys: Sequence[str]) -> str:
+    fields = {k: v for k, v in row.items() if k.startswith("config.")
+              and k not in tuned_keys and k != "config.seed"
+              and not (isinstance(v, float) and math.isnan(v)) and v is not None}
+    return json.dumps([row.get("experiment"), sorted(fields.items())], default=str)
+
+
+def cells(frame: Any, tuned_keys: Sequence[str] = (LEARNING_RATE,)) -> Any:
+    """One label per row naming its setting: the experiment and every config field but
+    ``tuned_keys`` and the seed (a Series aligned with ``frame``)."""
+    import pandas as pd
+
+    if frame.empty:
+        return pd.Series([], dtype=object)
+    return frame.apply(lambda row: _cell(row, tuned_keys), axis=1)
+
+
+def choose(frame: Any, *, tuned_keys: Sequence[str] = (LEARNING_RATE,),
+           metric: str = "metric.val_accuracy", mode: str = "max",
+           tiebreak: str = "metric.val_loss", seed: int = 0) -> dict[str, tuple]:
+    """``{cell: chosen values of tuned_keys}``: per cell, the values whose run at ``seed``
+    has the best ``metric`` (``mode`` "max" or "min"; ties go to the lower ``tiebreak``, then
+    to the first row). Cells without a run at ``seed`` choose by the mean over their seeds.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode {mode!r} is not 'max' or 'min'")
+    missing = [k for k in (*tuned_keys, metric) if k not in frame]
+    if frame.empty or missing:
+        return {}
+    labels = cells(frame, tuned_keys)
+    sign = -1.0 if mode == "max" else 1.0
+    chosen: dict[str, tuple] = {}
+    for cell, group in frame.groupby(labels, sort=False):
+        at_seed = group[group["seed"] == seed]
+        pool = at_seed if not at_seed.empty else group
+        scores = pool.groupby(list(tuned_keys), sort=False).agg(
+            score=(metric, "mean"),
+            tie=(tiebreak, "mean") if tiebreak in pool else (metric, "size"))
+        scores["score"] = sign * scores["score"]
+        best = scores.sort_values(["score", "tie"], kind="stable").index[0]
+        chosen[cell] = best if isinstance(best, tuple) else (best,)
+    return chosen
+
+
+def tuned(frame: Any, *, tuned_keys: Sequence[str] = (LEARNING_RATE,),
+          metric: str = "metric.val_accuracy", **kwargs: Any) -> Any:
+    """The rows of ``frame`` at each cell's chosen values (every seed), with a column
+    ``grid_size`` (how many values the cell tried). Without ``metric`` (runs that did not
+    evaluate on validation) or a tuned key in ``frame``, ``frame`` as it is: nothing to choose.
+    """
+    if frame.empty or metric not in frame or any(k not in frame for k in tuned_keys):
+        return frame
+    chosen = choose(frame, tuned_keys=tuned_keys, metric=metric, **kwargs)
+    labels = cells(frame, tuned_keys)
+    values = frame[list(tuned_keys)].apply(tuple, axis=1)
+    keep = [chosen.get(label) == value for label, value in zip(labels, values, strict=True)]
+    out = frame[keep].copy()
+    out["grid_size"] = [frame[labels == label][list(tuned_keys)].drop_duplicates().shape[0]
+                        for label in labels[keep]]
+    return out
