@@ -226,11 +226,6 @@ def run_stacked(configs: list, *, db_path: str | Path, experiment: str,
     >>> rows = run_stacked(two, db_path=":memory:", experiment="t")  # doctest: +SKIP
     """
     start = time.perf_counter()
-    selecting = [c for c in configs if c.eval.get("select", None) is not None]
-    if selecting:
-        raise ValueError("stacked runs do not select a best validation point yet "
-                         f"(config.eval.select {selecting[0].eval.select!r}): run them one by "
-                         "one (sweep.py --batch=1)")
     db = results.ResultsDB(db_path)
     rows = []
     if not replace:

@@ -83,6 +83,10 @@ def groups_of(config, pending: list[tuple[dict, str]], batch: int) -> list[list[
     (one group per run when ``batch`` is 1)."""
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
+    if batch > 1 and config.eval.get("select", None) is not None:
+        tqdm.write(f"sweep.py: --batch={batch} ignored: runs that select on validation "
+                   f"(config.eval.select {config.eval.select!r}) are not stacked yet")
+        batch = 1
     if batch == 1:
         return [[i] for i in range(len(pending))]
     from configs import tasks

@@ -78,6 +78,13 @@ def tuned(frame: Any, *, tuned_keys: Sequence[str] = (LEARNING_RATE,),
     """
     if frame.empty or metric not in frame or any(k not in frame for k in tuned_keys):
         return frame
+    untuned = frame[list(tuned_keys)].isna().any(axis=1) | frame[metric].isna()
+    if untuned.any():  # rows without the tuned keys or the metric: nothing to choose among
+        import pandas as pd
+
+        rest = frame[~untuned]
+        kept = tuned(rest, tuned_keys=tuned_keys, metric=metric, **kwargs) if len(rest) else rest
+        return pd.concat([kept, frame[untuned]]).sort_index()
     chosen = choose(frame, tuned_keys=tuned_keys, metric=metric, **kwargs)
     labels = cells(frame, tuned_keys)
     values = frame[list(tuned_keys)].apply(tuple, axis=1)

@@ -187,19 +187,23 @@ def _synthetic_frame():
 
 def test_rank_table_equals_hand_computed_values():
     table = report.rank_table(_synthetic_frame())
-    assert table.header == ["weights adapted", "r=1", "r=4"]
+    assert table.header == ["weights adapted", "scale", "r=1", "r=4"]
     # q, r=1: (80 + 90) / 2 = 85.0, sample std = |90 - 80| / sqrt(2) = 7.07
-    # q, r=4: 86.0 ± 1.4; all, r=1: 96.0 ± 1.4; no all r=4 run; full: one seed
-    assert table.rows == [["W_q", "85.0 ± 7.1", "86.0 ± 1.4"],
-                          ["all linear", "96.0 ± 1.4", "–"],
-                          ["full fine-tuning", "99.0", ""]]
-    assert "seeds [0, 1]" in table.caption
+    # q, r=4: 86.0 ± 1.4; all, r=1: 96.0 ± 1.4; no all r=4 run (no alpha recorded: "–")
+    assert table.rows == [["W_q", "–", "85.0 ± 7.1", "86.0 ± 1.4"],
+                          ["all linear", "–", "96.0 ± 1.4", "–"]]
+    assert "seeds [0, 1]" in table.caption and "untested" in table.caption
+    # baselines in their own table, without a rank; full: one seed, no rate recorded
+    assert report.baseline_table(_synthetic_frame()).rows == [
+        ["full fine-tuning", "1,000", "–", "99.0", ""]]
 
 
 def test_quant_and_method_tables_equal_hand_computed_values():
     frame = _synthetic_frame()
-    assert report.quant_table(frame).rows == [["float32", "32", "0", "90.0"],
-                                              ["nf4+dq", "4.127", "1.00e-02", "80.0"]]
+    # whole-model bits are the bits_per_param column (not written here: "–"), the
+    # quantized-weight bits the metric; no predictions: no paired difference
+    assert report.quant_table(frame).rows == [["float32", "–", "32", "0", "90.0", ""],
+                                              ["nf4+dq", "–", "4.127", "1.00e-02", "80.0", ""]]
     rows = report.method_table(frame, ranks=(1, 8)).rows
     # LoRA r=1 on W_q: step seconds of seeds 0 and 1 are 0.5 and 1.5 -> 1.00
     assert ["LoRA r=1 (W_q)", "10", "1.00", "100"] in rows
@@ -252,7 +256,7 @@ def test_report_script_writes_tables_csv_and_figure(tmp_path):
     db.close()
     assert report.main([f"--db={db_path}", f"--out={tmp_path / 'out'}"]) == 0
     out = tmp_path / "out"
-    assert "| W_q | 85.0 ± 7.1 | 86.0 ± 1.4 |" in (out / "tables.md").read_text()
+    assert "| W_q | – | 85.0 ± 7.1 | 86.0 ± 1.4 |" in (out / "tables.md").read_text()
     assert r"\begin{tabular}" in (out / "tables.tex").read_text()
     assert len(pd.read_csv(out / "runs.csv")) == len(frame)
     assert (out / "accuracy_vs_rank.png").read_bytes()[:4] == b"\x89PNG"

@@ -112,14 +112,15 @@ def test_report_leaves_out_the_repeated_rows_of_an_old_database(tmp_path, capsys
     db._conn.execute("DROP INDEX runs_one_ok_row")  # as written before the index existed
     db._conn.execute("INSERT INTO runs SELECT NULL, config_hash, experiment, status, seed, "
                      "trainable_params, base_params, bits_per_param, 0.0, peak_memory_mb, "
-                     "wall_seconds, git_commit, finished_at, traceback, \"config.method\", "
+                     "wall_seconds, git_commit, finished_at, traceback, predictions, "
+                     "\"config.method\", "
                      "\"config.lora.rank\", \"config.adapt\", \"config.seed\", "
                      "\"config.quant.fmt\", \"metric.accuracy\" FROM runs")
     db.close()
     frame = report.load_runs(path)
     assert "holds 1 repeated finished row(s)" in capsys.readouterr().err
     assert frame["id"].tolist() == [1] and len(results.ResultsDB(path).rows()) == 2
-    assert report.rank_table(frame).rows == [["W_q", "90.0"]]  # one seed, not "± 0.0"
+    assert report.rank_table(frame).rows == [["W_q", "–", "90.0"]]  # one seed, not "± 0.0"
     assert report.method_table(frame, experiments=("rank_ablation",)).rows[0][2] == "0.50"
 
 

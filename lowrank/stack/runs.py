@@ -132,6 +132,9 @@ optimizer.end_learning_rate, optimizer.weight_decay, optimizer.b1, optimizer.b2,
 def _check_stackable(configs: Sequence[Any]) -> None:
     for i, config in enumerate(configs):
         check_config(config)
+        if config.eval.get("select", None) is not None:
+            raise ValueError(f"run {i}: config.eval.select {config.eval.select!r}: stacks do not "
+                             "select a best validation point yet; train such runs one by one")
         if config.parallel.mode != "jit":
             raise ValueError(f"run {i}: config.parallel.mode {config.parallel.mode!r} is not "
                              "stackable; stacks run with parallel.mode='jit'")
@@ -241,7 +244,7 @@ def train_stacked(
         fields = dict(state=state, metrics=metrics, eval_metrics=evals[k] if evals else None,
                       start_step=0, loop_seconds=loop_seconds, loop_cpu_seconds=loop_cpu_seconds,
                       timed_steps=timed_steps, workdir=None)
-        out.append(TrainResult(**{f: fields[f] for f in _RESULT_FIELDS}))
+        out.append(TrainResult(**{f: fields[f] for f in _RESULT_FIELDS if f in fields}))
     return out
 
 

@@ -1,0 +1,176 @@
+"""The figures and the adapter analysis of the report: accuracy against rank (error bars for
+LoRA, bands for the baselines), the LoRA paper's subspace-similarity heatmaps (Figure 3), and
+what the learnt updates look like (Table 7: effective rank, amplification factor).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from report_tables import ADAPT_NAMES, BASELINE_NAMES, Table, experiment_runs, rank_rows
+
+
+def _std(x) -> float:
+    return float(x.std(ddof=1)) if len(x) > 1 else 0.0
+
+
+def plot_accuracy_vs_rank(frame: pd.DataFrame, path: str | Path,
+                          experiment: str = "rank_ablation") -> bool:
+    """Accuracy (%) against rank, one line per target set and scale convention with std error
+    bars over seeds, each baseline as a horizontal line with a mean ± std band; returns False
+    (and writes nothing) without runs."""
+    runs = experiment_runs(frame, experiment)
+    if runs.empty:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    groups = rank_rows(runs)
+    several_scales = len({scale for _, scale in groups}) > 1
+    for (adapt, scale), sel in groups.items():
+        summary = sel.groupby("config.lora.rank")["metric.accuracy"].agg(["mean", _std])
+        label = ADAPT_NAMES[adapt] + (f", {scale}" if several_scales else "")
+        ax.errorbar(summary.index, 100 * summary["mean"], yerr=100 * summary["_std"],
+                    marker="o", capsize=3, label=label,
+                    linestyle="--" if several_scales and scale.startswith("rs") else "-")
+    for (method, name), style in zip(BASELINE_NAMES.items(), ("--", ":"), strict=True):
+        sel = runs[runs["config.method"] == method]["metric.accuracy"]
+        if not sel.empty:
+            mean, std = 100 * sel.mean(), 100 * _std(sel)
+            ax.axhline(mean, color="gray", linestyle=style, label=f"{name} (band: ± std)")
+            ax.axhspan(mean - std, mean + std, color="gray", alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"MiniLM on BBC News ({experiment}): accuracy vs rank (mean ± std)",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def subspace_pairs(frame: pd.DataFrame, runs_dir: str | Path, experiment: str = "rank_ablation",
+                   adapt: str = "qv", ranks: tuple[int, int] = (8, 64), seed: int = 0,
+                   layer: int = 3) -> dict[str, tuple]:
+    """``{"W_q": (A of rank ranks[0], A of rank ranks[1]), "W_v": ...}`` from the exported
+    adapters of the ``adapt`` runs of one seed at encoder layer ``layer``."""
+    runs = experiment_runs(frame, experiment)
+    out: dict[str, tuple] = {}
+    if runs.empty:
+        return out
+    lora = runs[(runs["config.method"] == "lora") & (runs["config.adapt"] == adapt)
+                & (runs["seed"] == seed)]
+    by_rank = {int(r["config.lora.rank"]): r["config_hash"] for _, r in lora.iterrows()}
+    if not all(r in by_rank for r in ranks):
+        return out
+    for name, module in (("W_q", "query"), ("W_v", "value")):
+        weight = f"bert/encoder/layer_{layer}/attention/self/{module}/kernel"
+        pairs = [_adapter_pair(Path(runs_dir), experiment, by_rank[r], weight) for r in ranks]
+        if all(p is not None for p in pairs):
+            out[name] = tuple(p[0] for p in pairs)
+    return out
+
+
+def plot_subspace_similarity(pairs: dict[str, tuple], path: str | Path, ranks=(8, 64),
+                             layer: int = 3) -> bool:
+    """The LoRA paper's Figure 3: phi(A_{r1}, A_{r2}, i, j) heatmaps for each weight type."""
+    if not pairs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lowrank.analysis import subspace_similarity_grid
+
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.0 * len(pairs), 2.6), dpi=120,
+                             squeeze=False)
+    for ax, (name, (a1, a2)) in zip(axes[0], pairs.items(), strict=True):
+        grid = np.asarray(subspace_similarity_grid(a1, a2))
+        im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
+                       extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
+        ax.set_xlabel(f"j (top directions of A, r={ranks[1]})")
+        ax.set_ylabel(f"i (r={ranks[0]})")
+        ax.set_title(f"{name}, layer {layer}: phi(A_r={ranks[0]}, A_r={ranks[1]}, i, j)",
+                     fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _adapter_pair(runs_dir: Path, experiment: str, config_hash: str, weight: str):
+    from safetensors.numpy import load_file
+
+    file = runs_dir / experiment / config_hash / "adapters" / "adapters.safetensors"
+    if not file.is_file():
+        return None
+    arrays = load_file(str(file))
+    if f"{weight}/a" not in arrays:
+        return None
+    return arrays[f"{weight}/a"], arrays[f"{weight}/b"]
+
+
+def adapter_table(frame: pd.DataFrame, runs_dir: str | Path, base: dict,
+                  experiment: str = "rank_ablation", adapt: str = "qv", seed: int = 0,
+                  layer: int = 3) -> Table:
+    """Per rank, for the ``adapt`` runs of one seed at encoder layer ``layer``: effective
+    rank of each learnt update dW = (alpha / r) A B, its amplification factor
+    ||dW||_F / ||U^T W V||_F against the base weight W (the LoRA paper's Table 7), and the
+    subspace similarity of its top direction with the r=64 run's top-8 (phi(A_r, A_64, 1, 8)).
+
+    Args:
+      base: ``{weight path: W}`` of the frozen base (float arrays ``[in, out]``).
+    """
+    from lowrank.analysis import amplification_factor, effective_rank, subspace_similarity
+
+    header = ["rank r", "weight", "effective rank of dW", "amplification", "phi(A_r, A_64, 1, 8)"]
+    runs = experiment_runs(frame, experiment)
+    if runs.empty:
+        return Table(header, [], "")
+    lora = runs[(runs["config.method"] == "lora") & (runs["config.adapt"] == adapt)
+                & (runs["seed"] == seed)].sort_values("config.lora.rank")
+    rows = []
+    largest = {}
+    for _, run in lora.iloc[::-1].iterrows():  # the largest rank first, as the reference
+        for module in ("query", "value"):
+            weight = f"bert/encoder/layer_{layer}/attention/self/{module}/kernel"
+            pair = _adapter_pair(Path(runs_dir), experiment, run["config_hash"], weight)
+            if pair is None or weight not in base:
+                continue
+            a, b = pair
+            rank = int(run["config.lora.rank"])
+            largest.setdefault(module, (rank, a))
+            dw = (float(run["config.lora.alpha"]) / rank) * (a @ b)
+            ref_rank, ref_a = largest[module]
+            phi = subspace_similarity(a, ref_a, 1, min(8, ref_rank))
+            rows.append([str(rank), ADAPT_NAMES["q" if module == "query" else "v"],
+                         f"{float(effective_rank(dw)):.2f}",
+                         f"{float(amplification_factor(dw, base[weight], rank)):.1f}",
+                         f"{float(phi):.2f}"])
+    rows.sort(key=lambda row: (int(row[0]), row[1]))
+    ref = max((r for r, _ in largest.values()), default=0)
+    header[-1] = f"phi(A_r, A_{ref}, 1, 8)"
+    caption = (f"The learnt updates of the {ADAPT_NAMES[adapt]} runs (seed {seed}, encoder layer "
+               f"{layer}): Roy-Vetterli effective rank of dW = (alpha/r) A B; amplification "
+               "factor ||dW||_F / ||U^T W V||_F with U, V the top-r singular directions of dW; "
+               f"overlap of the top direction of A_r with the top 8 of A_{ref}.")
+    return Table(header, rows, caption)
+
+
+def minilm_kernels() -> dict:
+    """The query and value kernels of the real MiniLM, by path (as the runs name them)."""
+    from configs import tasks
+    from lowrank import paths
+
+    _, params = tasks._bert_base("minilm", 5, (0, 0, 0, 0))
+    return {p: np.asarray(v) for p, v in paths.flatten(params).items()
+            if p.endswith(("query/kernel", "value/kernel"))}

@@ -1,0 +1,205 @@
+"""The findings the READMEs quote, generated from the rows (so prose and tables cannot drift).
+
+``report.py --readme=FILE`` rewrites the block between :data:`START` and :data:`END` in each
+FILE with :func:`summary_lines`; a test checks that the committed READMEs hold exactly what
+the committed ``runs.csv`` gives. A difference is called "within noise" whenever its 95%
+paired-bootstrap interval over the test examples contains 0, and "untested" when the rows
+stored no per-example predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from report_tables import (
+    ADAPT_NAMES,
+    BASELINE_NAMES,
+    DATA_TYPES,
+    data_type,
+    kind_of,
+    paired,
+    rank_rows,
+)
+
+from lowrank import stats, tuning
+
+PAPER_ORDER = ("nf4", "fp4", "int4")  # QLoRA Table 2: NF4 best, then FP4, Int4 worst
+START = "<!-- report.py summary: start (generated from the rows; do not edit by hand) -->"
+END = "<!-- report.py summary: end -->"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _verdict(d: stats.PairedDifference | None, a: float, b: float) -> str:
+    """``"+1.2 points [-0.4, +2.9]: within noise"`` or ``"... beyond noise"``; without a
+    paired test just the difference of the means, "untested"."""
+    if d is None:
+        return f"{100 * (a - b):+.1f} points (untested)"
+    where = "beyond noise" if d.excludes_zero else "within noise"
+    return (f"{100 * d.difference:+.1f} points [{100 * d.low:+.1f}, {100 * d.high:+.1f}]: "
+            f"{where}")
+
+
+def _protocol(runs: pd.DataFrame) -> str:
+    selected = "metric.best_step" in runs and runs["metric.best_step"].notna().any()
+    tuned = "grid_size" in runs and (runs["grid_size"] > 1).any()
+    if selected and tuned:
+        return "test accuracy at the best validation epoch, learning rates tuned on validation"
+    steps = f"{int(runs['config.steps'].iloc[0])} steps" if "config.steps" in runs else "runs"
+    return (f"{steps} at fixed learning rates, evaluated once at the end: not the "
+            "results protocol (no validation selection, no tuning)")
+
+
+def rank_lines(runs: pd.DataFrame, name: str) -> list[str]:
+    groups = rank_rows(runs)
+    if not groups:
+        return []
+    seeds = sorted(int(s) for s in runs["seed"].unique())
+    lines = [f"**{name}** ({len(seeds)} seeds; {_protocol(runs)}):"]
+    exceptions, spans, tested = [], [], 0
+    for (adapt, scale), group in groups.items():
+        means = group.groupby("config.lora.rank")["metric.accuracy"].mean()
+        top_rank = int(means.index.max())
+        top = group[group["config.lora.rank"] == top_rank]
+        spans.append((100 * (means.max() - means.min()), f"{ADAPT_NAMES[adapt]}, {scale}"))
+        for rank in means.index:
+            if int(rank) == top_rank:
+                continue
+            d = paired(group[group["config.lora.rank"] == rank], top)
+            if d is not None:
+                tested += 1
+                if d.excludes_zero:
+                    exceptions.append(f"{ADAPT_NAMES[adapt]} ({scale}) r={int(rank)}: "
+                                      f"{_verdict(d, 0, 0)}")
+    widest = max(spans)
+    if tested:
+        lines.append(f"- Small ranks: {tested - len(exceptions)} of {tested} cells are within "
+                     "noise of the largest rank of their row" + (
+                         "; beyond noise: " + "; ".join(exceptions) if exceptions else "."))
+    lines.append(f"- Within each row the ranks' mean accuracies span at most {widest[0]:.1f} "
+                 f"points ({widest[1]}).")
+    lines += _more_types_line(groups)
+    lines += _baseline_line(runs, groups)
+    return lines
+
+
+def _more_types_line(groups: dict) -> list[str]:
+    """Adapting every linear layer at the smallest rank against W_q alone at the largest."""
+    for (adapt, scale), group in groups.items():
+        if adapt != "all" or ("q", scale) not in groups:
+            continue
+        q = groups[("q", scale)]
+        low = group[group["config.lora.rank"] == group["config.lora.rank"].min()]
+        high = q[q["config.lora.rank"] == q["config.lora.rank"].max()]
+        a, b = low["metric.accuracy"].mean(), high["metric.accuracy"].mean()
+        return [f"- More weight types vs a higher rank ({scale}): all linear layers at "
+                f"r={int(low['config.lora.rank'].iloc[0])} ({_pct(a)}) vs W_q alone at "
+                f"r={int(high['config.lora.rank'].iloc[0])} ({_pct(b)}): "
+                f"{_verdict(paired(low, high), a, b)}."]
+    return []
+
+
+def _baseline_line(runs: pd.DataFrame, groups: dict) -> list[str]:
+    best_cell, best = None, -math.inf
+    for (adapt, scale), group in groups.items():
+        for rank, sel in group.groupby("config.lora.rank"):
+            if sel["metric.accuracy"].mean() > best:
+                best, best_cell = sel["metric.accuracy"].mean(), (adapt, scale, rank, sel)
+    parts = []
+    for method, label in BASELINE_NAMES.items():
+        sel = runs[runs["config.method"] == method]
+        if sel.empty or best_cell is None:
+            continue
+        a = sel["metric.accuracy"].mean()
+        parts.append(f"{label} {_pct(a)} ({_verdict(paired(sel, best_cell[3]), a, best)} "
+                     "against the best LoRA cell)")
+    if not parts:
+        return []
+    adapt, scale, rank, _ = best_cell
+    return ["- Baselines: " + "; ".join(parts) + f". Best LoRA cell: {ADAPT_NAMES[adapt]}, "
+            f"{scale}, r={int(rank)}, {_pct(best)}."]
+
+
+def quant_lines(runs: pd.DataFrame, name: str) -> list[str]:
+    names = runs.apply(data_type, axis=1)
+    present = [d for d in DATA_TYPES if d in set(names)]
+    if not present:
+        return []
+    seeds = sorted(int(s) for s in runs["seed"].unique())
+    lines = [f"**{name}** ({len(seeds)} seeds; {_protocol(runs)}):"]
+    rmse = {d: runs[names == d]["metric.weight_rmse"].astype(float).mean() for d in present}
+    four_bit = sorted((d for d in PAPER_ORDER if d in rmse), key=rmse.get)
+    if len(four_bit) > 1:
+        order = " < ".join(f"{d} ({rmse[d]:.2e})" for d in four_bit)
+        paper = [d for d in PAPER_ORDER if d in four_bit]
+        note = "" if four_bit == paper else (
+            f"; not the order of QLoRA's Table 2 ({' < '.join(paper)}), which ranks the "
+            "types by the perplexity of the quantized model, not by weight RMSE")
+        lines.append(f"- Weight RMSE of the 4-bit types (no seed noise): {order}{note}.")
+    if "float32" in present:
+        ref = runs[names == "float32"]
+        a_ref = ref["metric.accuracy"].mean()
+        parts = [f"{d} {_verdict(paired(runs[names == d], ref), runs[names == d]['metric.accuracy'].mean(), a_ref)}"  # noqa: E501
+                 for d in present if d != "float32"]
+        lines.append(f"- Accuracy against the float32 base ({_pct(a_ref)}): "
+                     + "; ".join(parts) + ".")
+    return lines
+
+
+def lm_lines(runs: pd.DataFrame, name: str) -> list[str]:
+    names = runs.apply(data_type, axis=1)
+    parts = [f"{d} {runs[names == d]['metric.perplexity'].mean():.2f}"
+             for d in DATA_TYPES if d in set(names)]
+    if not parts:
+        return []
+    return [f"**{name}**: held-out perplexity after adaptation, by base data type: "
+            + ", ".join(parts) + " (mean over seeds)."]
+
+
+BUILDERS = {"rank_ablation": rank_lines, "quant_ablation": quant_lines, "lm_domain": lm_lines}
+
+
+def summary_lines(frame: pd.DataFrame) -> list[str]:
+    """The findings of every experiment in ``frame`` with a summary, as Markdown lines."""
+    lines: list[str] = []
+    if frame.empty or "experiment" not in frame:
+        return lines
+    for name in sorted(frame["experiment"].dropna().unique()):
+        builder = BUILDERS.get(kind_of(name))
+        if builder is None:
+            continue
+        block = builder(tuning.tuned(frame[frame["experiment"] == name]), name)
+        if block:
+            lines += [*block, ""]
+    if any("(untested)" in line for line in lines):
+        lines.append("\"(untested)\": those rows stored no per-example predictions, so no paired "
+                     "test is possible; \"within noise\" means a 95% paired-bootstrap interval "
+                     "over the test examples that contains 0.")
+    return lines[:-1] if lines and not lines[-1] else lines
+
+
+def block(lines: list[str]) -> str:
+    """The README block: the markers around ``lines``."""
+    return "\n".join([START, *lines, END])
+
+
+def update_readme(path: str | Path, lines: list[str]) -> None:
+    """Replaces the block between the markers in ``path`` (which must hold both)."""
+    path = Path(path)
+    text = path.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{path} has no report.py summary block: put the two lines\n{START}\n"
+                         f"{END}\nwhere the summary should go")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(head + block(lines) + tail)
+
+
+def readme_block(path: str | Path) -> str:
+    """The block currently in ``path`` (markers included)."""
+    text = Path(path).read_text()
+    return START + text.split(START, 1)[1].split(END, 1)[0] + END

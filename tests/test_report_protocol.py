@@ -1,0 +1,153 @@
+"""report.py under the results protocol: tuned rows, paired differences, any experiment name,
+and the READMEs' generated summary block."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lowrank import results, stats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from configs import common  # noqa: E402
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(f"exp_{name}",
+                                                  ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _module("report")
+import report_summary  # noqa: E402
+
+
+def _row(db, *, rank, seed, lr, correct, val, experiment="rank_ablation:x", method="lora"):
+    config = {"method": method, "adapt": "q", "seed": seed, "steps": 10,
+              "lora": {"rank": rank, "alpha": 2.0 * rank, "rslora": False},
+              "optimizer": {"learning_rate": lr}, "quant": {"fmt": "none"}}
+    correct = np.asarray(correct, int)
+    db.write(config, {"accuracy": correct.mean(), "val_accuracy": val, "val_loss": 1 - val,
+                      "best_step": 5},
+             experiment=experiment, trainable_params=10 * rank, step_seconds=0.1,
+             peak_memory_mb=1.0, predictions=json.dumps({"correct": correct.tolist()}))
+
+
+def test_rank_table_reports_the_tuned_rate_and_paired_differences():
+    db = results.ResultsDB(":memory:")
+    n = 200
+    base = np.ones(n, int)
+    base[:20] = 0  # r=4: 90% right
+    worse = base.copy()
+    worse[20:40] = 0  # r=1: wrong on 20 more articles, every seed
+    for seed in (0, 1, 2):
+        _row(db, rank=4, seed=seed, lr=1e-3, correct=base, val=0.9)
+        _row(db, rank=1, seed=seed, lr=1e-3, correct=worse, val=0.8)
+    # the other rate of r=1: better on test but worse on validation, so never reported
+    _row(db, rank=1, seed=0, lr=3e-3, correct=base, val=0.7)
+    frame = db.frame("ok")
+    tables = dict(report.report(frame))
+    rank = tables["tab:rank-x"]
+    assert rank.header == ["weights adapted", "scale", "r=1", "r=4"]
+    expected = stats.paired_bootstrap(worse, base)
+    assert expected.difference == pytest.approx(-0.1) and expected.excludes_zero
+    assert rank.rows == [["W_q", "α=2r",
+                          f"80.0 ± 0.0 ({100 * expected.difference:+.1f} "
+                          f"[{100 * expected.low:+.1f}, {100 * expected.high:+.1f}]†)",
+                          "90.0 ± 0.0"]]
+    assert "best validation epoch" in rank.caption and "chosen on validation" in rank.caption
+    lines = report_summary.summary_lines(frame)
+    assert any("0 of 1 cells are within noise" in line and "beyond noise" in line
+               for line in lines)
+
+
+def test_equal_cells_are_within_noise():
+    db = results.ResultsDB(":memory:")
+    rng = np.random.default_rng(0)
+    for seed in (0, 1, 2):
+        same = (rng.random(100) < 0.9).astype(int)
+        _row(db, rank=1, seed=seed, lr=1e-3, correct=same, val=0.9)
+        _row(db, rank=8, seed=seed, lr=1e-3, correct=same, val=0.9)
+    lines = report_summary.summary_lines(db.frame("ok"))
+    assert any("1 of 1 cells are within noise" in line for line in lines)
+    assert "(+0.0 [+0.0, +0.0])" in report.rank_table(db.frame("ok"), "rank_ablation:x").rows[0][2]
+
+
+def test_report_prints_any_experiment_name_and_lists_unknown_ones(tmp_path, capsys):
+    """A :tiny sweep's database (a real one, in-process: the protocol's both phases on a cut
+    grid) gets its tables; an experiment without a table family is listed, never "no
+    finished runs"."""
+    run = _module("run")
+    tune = _module("tune")
+    module, config = common.load("configs/rank_ablation.py:tiny")
+    config = results.apply_overrides(config, {
+        "sweep.ranks": (1,), "sweep.adapts": ("q",), "sweep.scales": ("constant",),
+        "sweep.baselines": ("head",), "sweep.learning_rates.lora": (1e-3, 3e-3),
+        "sweep.learning_rates.head": (1e-2, 3e-2)})
+    db_path = tmp_path / "tiny.sqlite"
+    grid = module.get_sweep(config)
+    assert len(grid) == 4
+    for overrides in grid:
+        run.run(results.apply_overrides(config, {**overrides, "seed": 0}), db_path=db_path,
+                experiment="rank_ablation:tiny")
+    db = results.ResultsDB(db_path)
+    frame = db.frame("ok")
+    db.close()
+    chosen = report.tuning.tuned(frame)
+    assert len(chosen) == 2 and set(chosen["grid_size"]) == {2}
+    for _, row in chosen.iterrows():  # the second phase: seed 1 at each chosen rate
+        overrides = next(o for o in grid if o.get("optimizer.learning_rate") ==
+                         row["config.optimizer.learning_rate"] and o["method"] ==
+                         row["config.method"])
+        run.run(results.apply_overrides(config, {**overrides, "seed": 1}), db_path=db_path,
+                experiment="rank_ablation:tiny")
+    results.ResultsDB(db_path).write({"seed": 0}, {"accuracy": 0.5}, experiment="mine")
+    capsys.readouterr()
+    assert report.main([f"--db={db_path}", f"--out={tmp_path / 'out'}"]) == 0
+    printed = capsys.readouterr().out
+    assert "(rank_ablation:tiny)" in printed and "| W_q | α=2 |" in printed
+    assert "| classifier head only | 165 |" in printed
+    assert "no table family for experiments 'mine' (1 runs)" in printed
+    assert "no finished runs" not in printed
+    assert (tmp_path / "out" / "accuracy_vs_rank_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    # tune.py's second phase asks for seeds 1, 2 of the chosen settings (sweep.* fields are not
+    # hashed, so the whole grid's overrides find the cut grid's rows)
+    tune_runs = tune.chosen_runs("configs/rank_ablation.py:tiny", [], db_path=str(db_path),
+                                 experiment="rank_ablation:tiny", seeds=3)
+    assert len(tune_runs) == 4 and {r["seed"] for r in tune_runs} == {1, 2}
+    assert {r.get("optimizer.learning_rate") for r in tune_runs} == set(
+        chosen["config.optimizer.learning_rate"])
+
+
+@pytest.mark.parametrize("readme", ["README.md", "experiments/results/README.md"])
+def test_committed_readme_summary_is_generated_from_the_committed_rows(readme):
+    frame = report.load_runs(ROOT / "experiments" / "results" / "runs.csv")
+    generated = report_summary.block(report_summary.summary_lines(frame))
+    assert report_summary.readme_block(ROOT / readme) == generated, (
+        f"{readme}'s summary block differs from what the committed runs.csv gives: run "
+        "python experiments/report.py --db=experiments/results/runs.csv "
+        "--readme=README.md --readme=experiments/results/README.md")
+
+
+def test_summary_block_needs_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    with pytest.raises(ValueError, match=r"README.md has no report.py summary block"):
+        report_summary.update_readme(readme, ["x"])
+    assert readme.read_text() == "no markers here\n"  # nothing lost
+    readme.write_text(f"a\n{report_summary.START}\nold\n{report_summary.END}\nb\n")
+    report_summary.update_readme(readme, ["new"])
+    assert readme.read_text() == f"a\n{report_summary.START}\nnew\n{report_summary.END}\nb\n"
+
+
+def test_frames_without_runs_say_so():
+    assert report.report(pd.DataFrame()) == [] and report.untabled(pd.DataFrame()) == {}
