@@ -3,7 +3,9 @@
 Every config starts from :func:`lowrank.train.default_config` and adds:
 
   method: "lora" (adapters on ``adapt``'s targets), "full" (every weight trained, no
-    adapters) or "head" (only the classifier head trained).
+    adapters), "head" (only the classifier head trained) or "none" (nothing trained: the
+    base, as stored, evaluated on the evaluation split: QLoRA's Table 2, a pretrained
+    model's held-out perplexity).
   adapt: a name of ``TARGET_SETS[<family>]`` ("q", "v", "qv", "qkvo", "all") that sets
     ``lora.targets``, or "custom" to use ``lora.targets`` as given.
   model.*: which base model (``name``: "minilm" the real all-MiniLM-L6-v2, "tiny" a small
@@ -24,7 +26,7 @@ import ml_collections
 
 from lowrank.train import default_config
 
-METHODS = ("lora", "full", "head")
+METHODS = ("lora", "full", "head", "none")
 QUANT_FORMATS = ("none", "int8", "int4", "fp4", "nf4")
 
 _BERT_LAYER = r"bert/encoder/layer_\d+"

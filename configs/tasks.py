@@ -81,6 +81,9 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         if config.adapt != "custom":
             lora.targets = TARGET_SETS[family][config.adapt]
         return config
+    if config.method == "none":  # evaluated as stored (quantized or not); nothing trained
+        lora.targets = lora.trainable = None
+        return config
     if config.quant.fmt != "none":
         raise ValueError(f"config.method {config.method!r} trains the base weights, which "
                          f"cannot be stored quantized (config.quant.fmt {config.quant.fmt!r}): "
@@ -292,10 +295,12 @@ def _lm_windows(domain: str, split: str, seq_len: int, max_bytes: int) -> dict[s
     return data.lm_windows(data.lm_tokens(domain, split, max_bytes=max_bytes or None), seq_len)
 
 
-def _lm_task(model, params, config, domain: str, split_sizes: tuple[int, int]) -> Task:
+def _lm_task(model, params, config, domain: str, split_sizes: tuple[int, int],
+             eval_domain: str | None = None) -> Task:
     d = config.data
     train_windows = _lm_windows(domain, "train", d.seq_len, d.python_max_bytes)
-    eval_windows = _lm_windows(domain, "validation", d.seq_len, d.python_max_bytes)
+    eval_windows = _lm_windows(eval_domain or domain, "validation", d.seq_len,
+                               d.python_max_bytes)
     if split_sizes[1]:
         eval_windows = {k: v[: split_sizes[1]] for k, v in eval_windows.items()}
     batch_size = config.batch_size
@@ -353,7 +358,8 @@ def _with_batch_size(config: Any, batch_size: int) -> Any:
 def _lm(config: Any) -> tuple[Task, BaseInfo]:
     model, params = pretrained_lm(config)
     frozen, info = _quantize(dict(params), config, "llama")
-    task = _lm_task(model, frozen, config, "english", (0, config.data.eval_windows))
+    task = _lm_task(model, frozen, config, "english", (0, config.data.eval_windows),
+                    eval_domain=config.data.get("eval_domain", None))
     return task, info
 
 

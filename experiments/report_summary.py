@@ -160,7 +160,28 @@ def lm_lines(runs: pd.DataFrame, name: str) -> list[str]:
             + ", ".join(parts) + " (mean over seeds)."]
 
 
-BUILDERS = {"rank_ablation": rank_lines, "quant_ablation": quant_lines, "lm_domain": lm_lines}
+def perplexity_lines(runs: pd.DataFrame, name: str) -> list[str]:
+    names = runs.apply(data_type, axis=1)
+    if "config.quant.block_size" not in runs or "float32" not in set(names):
+        return []
+    base = runs[names == "float32"]["metric.perplexity"].mean()
+    smallest = runs[names != "float32"]["config.quant.block_size"].min()
+    at = runs[(names == "float32") | (runs["config.quant.block_size"] == smallest)]
+    at_names = at.apply(data_type, axis=1)
+    ppl = {d: at[at_names == d]["metric.perplexity"].mean() for d in DATA_TYPES
+           if d in set(at_names)}
+    four_bit = sorted((d for d in PAPER_ORDER if d in ppl), key=ppl.get)
+    paper = [d for d in PAPER_ORDER if d in four_bit]
+    order = " < ".join(f"{d} {ppl[d]:.3f}" for d in four_bit)
+    agrees = ("the paper's order" if four_bit == paper else
+              f"not the paper's order ({' < '.join(paper)})")
+    return [f"**{name}** (the base as stored, nothing trained; deterministic): float32 "
+            f"perplexity {base:.3f}; at blocks of {int(smallest)} the 4-bit types give "
+            f"{order}: {agrees}."]
+
+
+BUILDERS = {"rank_ablation": rank_lines, "quant_ablation": quant_lines, "lm_domain": lm_lines,
+            "quant_perplexity": perplexity_lines}
 
 
 def summary_lines(frame: pd.DataFrame) -> list[str]:

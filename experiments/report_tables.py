@@ -28,7 +28,7 @@ from lowrank import stats
 ADAPT_NAMES = {"q": "W_q", "v": "W_v", "qv": "W_q, W_v", "qkvo": "W_q, W_k, W_v, W_o",
                "all": "all linear"}
 BASELINE_NAMES = {"full": "full fine-tuning", "head": "classifier head only"}
-DATA_TYPES = ("float32", "int8", "int4", "fp4", "nf4", "nf4+dq")
+DATA_TYPES = ("float32", "int8", "int8+dq", "int4", "int4+dq", "fp4", "fp4+dq", "nf4", "nf4+dq")
 WHOLE_MODEL_BITS = "bits / param (whole model)"
 QUANTIZED_BITS = "bits / quantized weight"
 
@@ -308,6 +308,46 @@ def lm_table(frame: pd.DataFrame, experiment: str = "lm_domain") -> Table:
                f"linear layer, {int(first['config.steps'])} steps) over its base stored in each "
                f"data type: perplexity on held-out English, mean ± std over seeds "
                f"{_seeds(runs)}.")
+    return Table(header, rows, caption)
+
+
+def perplexity_table(frame: pd.DataFrame, experiment: str = "quant_perplexity") -> Table:
+    """QLoRA's Table 2: data type x block size of the held-out perplexity of the base as
+    stored (nothing trained), with the bits per quantized weight at each block size.
+
+    >>> perplexity_table(pd.DataFrame()).rows
+    []
+    """
+    runs = experiment_runs(frame, experiment)
+    if runs.empty:
+        return Table(["base data type"], [], "")
+    names = runs.apply(data_type, axis=1)
+    quantized = runs[names != "float32"]
+    blocks = sorted(int(b) for b in quantized["config.quant.block_size"].unique()) \
+        if not quantized.empty else []
+    header = ["base data type", *[f"perplexity, blocks of {b}" for b in blocks],
+              f"{QUANTIZED_BITS} ({', '.join(map(str, blocks))})"]
+    rows = []
+    for name in [d for d in DATA_TYPES if d in set(names)]:
+        sel = runs[names == name]
+        if name == "float32":
+            ppl = mean_std(sel["metric.perplexity"].tolist(), scale=1.0, digits=3)
+            rows.append([name, *[ppl] * max(len(blocks), 1), "32"])
+            continue
+        cells, bits = [], []
+        for b in blocks:
+            at = sel[sel["config.quant.block_size"] == b]
+            cells.append(mean_std(at["metric.perplexity"].tolist(), scale=1.0, digits=3))
+            bits.append("–" if at.empty else f"{at['metric.quant_bits_per_param'].mean():.3f}")
+        rows.append([name, *cells, ", ".join(bits)])
+    first = runs.iloc[0]
+    domain = first.get("config.data.eval_domain", "english")
+    caption = (f"The pretrained {int(first['config.model.num_layers'])}-layer Llama-style model "
+               f"(hidden {int(first['config.model.hidden_size'])}) with its transformer kernels "
+               f"stored in each data type and block size, nothing trained ({experiment}): "
+               f"perplexity on {int(first['config.data.eval_windows'])} held-out {domain} "
+               f"windows of {int(first['config.data.seq_len'])} bytes (QLoRA's Table 2). "
+               "Deterministic: no seeds.")
     return Table(header, rows, caption)
 
 

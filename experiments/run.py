@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,14 @@ from ml_collections import config_flags  # noqa: E402
 from configs import common, tasks  # noqa: E402
 from lowrank import results, stack  # noqa: E402
 from lowrank.assets import cache_dir  # noqa: E402
-from lowrank.train import read_jsonl, train  # noqa: E402
+from lowrank.train import (  # noqa: E402
+    evaluate,
+    make_eval_step,
+    make_loss_fn,
+    read_jsonl,
+    resolve_dtype,
+    train,
+)
 
 DEFAULT_DB = ROOT / "workdir" / "results.sqlite"
 
@@ -144,6 +152,16 @@ def _logged_loss(workdir: str | None) -> float:
     return losses[-1] if losses else math.nan
 
 
+def evaluate_base(config, task) -> types.SimpleNamespace:
+    """The evaluation metrics of the task's frozen base as stored (``method="none"``: no
+    adapters, nothing trained), shaped like the ``TrainResult`` fields :func:`_row` reads."""
+    loss_fn = make_loss_fn(task.model, task.forward, task.loss,
+                           compute_dtype=resolve_dtype(config.compute_dtype))
+    metrics = evaluate(jax.jit(make_eval_step(loss_fn)), {}, task.params, task.eval_batches())
+    return types.SimpleNamespace(eval_metrics=metrics, metrics={"loss": math.nan},
+                                 trainable={}, loop_seconds=0.0, timed_steps=0, workdir=None)
+
+
 def already_finished(db, config, experiment: str) -> str | None:
     """Why ``config`` need not run (its finished row, in words), or None.
 
@@ -202,7 +220,8 @@ def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = N
             if finished:
                 _move_aside(Path(resolved.workdir))
         task, info = tasks.build(resolved)
-        result = train(resolved, task)
+        result = evaluate_base(resolved, task) if config.method == "none" else train(
+            resolved, task)
         fields, metrics = _row(config, result, info, start)
         db.write(config, metrics, experiment=experiment, replace=replace, **fields)
         return {"config_hash": results.config_hash(config), **fields, **metrics}

@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pandas as pd
 import pytest
 
@@ -260,3 +263,30 @@ def test_report_script_writes_tables_csv_and_figure(tmp_path):
     assert r"\begin{tabular}" in (out / "tables.tex").read_text()
     assert len(pd.read_csv(out / "runs.csv")) == len(frame)
     assert (out / "accuracy_vs_rank.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_method_none_evaluates_the_stored_base_as_plain_flax_does():
+    """quant_perplexity (QLoRA's Table 2): nothing trained, the base as stored; its perplexity
+    equals the plain model's on the dequantized weights, computed here without lowrank.apply."""
+    from lowrank import data, quant
+
+    module, config = common.load("configs/quant_perplexity.py:tiny")
+    overrides = {"quant.fmt": "nf4", "quant.double_quant": True, "quant.block_size": 64}
+    assert overrides in module.get_sweep(config)
+    config = results.apply_overrides(config, overrides)
+    row = run.run(config, db_path=":memory:", experiment="quant_perplexity:tiny")
+    assert row["trainable_params"] == 0 and row["step_seconds"] is None
+    model, params = tasks.pretrained_lm(tasks.training_config(config))
+    stored = quant.quantize_tree(dict(params), quant.QuantSpec(
+        "nf4", block_size=64, double_quant=True, targets=common.QUANT_TARGETS["llama"]))
+    dense = jax.tree.map(lambda x: quant.dequantize(x, jnp.float32) if quant.is_quantized(x)
+                         else x, stored, is_leaf=quant.is_quantized)
+    windows = data.lm_windows(data.lm_tokens("python", "validation",
+                                             max_bytes=config.data.python_max_bytes),
+                              config.data.seq_len)
+    n = config.data.eval_windows
+    logits = model.apply({"params": dense}, jnp.asarray(windows["inputs"][:n]))
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                          jnp.asarray(windows["targets"][:n]))
+    assert row["perplexity"] == pytest.approx(float(jnp.exp(nll.mean())), rel=1e-4)
+    assert row["weight_rmse"] > 0
