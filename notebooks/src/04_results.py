@@ -81,6 +81,7 @@ display(frame[["experiment", "config.method", "config.adapt", "config.lora.rank"
 
 # %%
 ranks = frame[frame["experiment"] == "rank_ablation"]
+ranks = report.tuning.tuned(ranks)  # each setting at the learning rate chosen on validation
 lora = ranks[ranks["config.method"] == "lora"]
 accuracy = lora.pivot_table(index="config.adapt", columns="config.lora.rank",
                             values="metric.accuracy", aggfunc="mean")
@@ -88,16 +89,19 @@ accuracy = accuracy.reindex([a for a in report.ADAPT_NAMES if a in accuracy.inde
 display((100 * accuracy).rename(index=report.ADAPT_NAMES).round(1))
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
+std = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0  # noqa: E731 (one seed: no bar)
 for adapt, runs in lora.groupby("config.adapt"):
-    mean = runs.groupby("trainable_params")["metric.accuracy"].mean()
-    ax.plot(mean.index, 100 * mean.values, marker="o", label=report.ADAPT_NAMES[adapt])
+    stats = runs.groupby("trainable_params")["metric.accuracy"].agg(["mean", std])
+    ax.errorbar(stats.index, 100 * stats["mean"], yerr=100 * stats.iloc[:, 1], marker="o",
+                capsize=3, label=report.ADAPT_NAMES[adapt])
 for (method, name), color in zip(report.BASELINE_NAMES.items(), ("black", "gray"), strict=True):
     runs = ranks[ranks["config.method"] == method]
     if not runs.empty:
-        ax.scatter(runs["trainable_params"].mean(), 100 * runs["metric.accuracy"].mean(),
-                   marker="*", s=150, color=color, zorder=3, label=name)
+        ax.errorbar(runs["trainable_params"].mean(), 100 * runs["metric.accuracy"].mean(),
+                    yerr=100 * std(runs["metric.accuracy"]), marker="*", markersize=12,
+                    capsize=3, color=color, zorder=3, label=name)
 ax.set(xscale="log", xlabel="trainable parameters", ylabel="test accuracy (%)",
-       title="Accuracy per trained parameter")
+       title="Accuracy per trained parameter (bars: ± std over seeds)")
 ax.legend(fontsize=8)
 plt.show()
 
@@ -115,9 +119,13 @@ by_type = quant.groupby("data type")[["metric.quant_bits_per_param", "metric.wei
 by_type = by_type.reindex([d for d in report.DATA_TYPES if d in by_type.index])
 display(by_type)
 
+spread = quant.groupby("data type")["metric.accuracy"].agg(
+    lambda x: x.std(ddof=1) if len(x) > 1 else 0.0).reindex(by_type.index)
 fig, ax = plt.subplots(figsize=(6, 3))
-ax.bar(by_type.index, 100 * by_type["metric.accuracy"], color="C0")
-ax.set(ylabel="test accuracy (%)", title="LoRA over a base stored in each data type",
+ax.bar(by_type.index, 100 * by_type["metric.accuracy"], yerr=100 * spread, capsize=4,
+       color="C0")
+ax.set(ylabel="test accuracy (%)",
+       title="LoRA over a base stored in each data type (bars: ± std over seeds)",
        ylim=(max(0, 100 * by_type["metric.accuracy"].min() - 10), 100))
 plt.show()
 
