@@ -49,10 +49,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config
 
 
-def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
-    """LoRA over the float32 base, then QLoRA over each 4-bit data type in the grid.
+FULL_LEARNING_RATE = 3e-4  # full fine-tuning's rate (not tuned: the protocol's grid is to come)
 
-    >>> get_sweep(get_config())
+
+def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
+    """The baseline (the pretrained base's held-out perplexity on the target domain, nothing
+    trained), full fine-tuning, then LoRA over the float32 base and QLoRA over each data type
+    in the grid.
+
+    >>> get_sweep(get_config())[:2]
+    [{'method': 'none'}, {'method': 'full', 'optimizer.learning_rate': 0.0003}]
+    >>> get_sweep(get_config())[2:]
     [{'quant.fmt': 'none'}, {'quant.fmt': 'nf4'}]
     """
-    return [{"quant.fmt": fmt} for fmt in config.sweep.data_types]
+    baselines = [{"method": "none"}, {"method": "full",
+                                      "optimizer.learning_rate": FULL_LEARNING_RATE}]
+    return baselines + [{"quant.fmt": fmt} for fmt in config.sweep.data_types]

@@ -152,12 +152,19 @@ def quant_lines(runs: pd.DataFrame, name: str) -> list[str]:
 
 def lm_lines(runs: pd.DataFrame, name: str) -> list[str]:
     names = runs.apply(data_type, axis=1)
-    parts = [f"{d} {runs[names == d]['metric.perplexity'].mean():.2f}"
-             for d in DATA_TYPES if d in set(names)]
+    methods = (runs["config.method"].fillna("lora") if "config.method" in runs
+               else pd.Series("lora", index=runs.index))
+    lora = methods == "lora"
+    parts = [f"{d} {runs[lora & (names == d)]['metric.perplexity'].mean():.2f}"
+             for d in DATA_TYPES if d in set(names[lora])]
     if not parts:
         return []
-    return [f"**{name}**: held-out perplexity after adaptation, by base data type: "
-            + ", ".join(parts) + " (mean over seeds)."]
+    line = (f"**{name}**: held-out English perplexity after LoRA, by base data type: "
+            + ", ".join(parts) + " (mean over seeds)")
+    for method, label in (("none", "the base not adapted"), ("full", "full fine-tuning")):
+        if (methods == method).any():
+            line += f"; {label}: {runs[methods == method]['metric.perplexity'].mean():.2f}"
+    return [line + "."]
 
 
 def perplexity_lines(runs: pd.DataFrame, name: str) -> list[str]:
