@@ -86,7 +86,7 @@ def check_select(select: str | None) -> None:
 def make_score_step(model: Any, forward: Callable, loss: Any, *,
                     compute_dtype: Any = None) -> Callable | None:
     """``score_step(trainable, frozen, batch) -> {name: [B] array}``: per-example scores of a
-    named loss (see :data:`lowrank.train.losses.SCORES`), no dropout; None for a custom loss.
+    named loss (see ``lowrank.train.losses.SCORES``), no dropout; None for a custom loss.
 
     >>> import flax.linen as nn, jax.numpy as jnp
     >>> from lowrank.train.task import default_forward
