@@ -20,6 +20,7 @@ from report_tables import (
     data_type,
     kind_of,
     paired,
+    paired_loss,
     rank_rows,
 )
 
@@ -180,11 +181,23 @@ def perplexity_lines(runs: pd.DataFrame, name: str) -> list[str]:
     four_bit = sorted((d for d in PAPER_ORDER if d in ppl), key=ppl.get)
     paper = [d for d in PAPER_ORDER if d in four_bit]
     order = " < ".join(f"{d} {ppl[d]:.3f}" for d in four_bit)
-    agrees = ("the paper's order" if four_bit == paper else
-              f"not the paper's order ({' < '.join(paper)})")
-    return [f"**{name}** (the base as stored, nothing trained; deterministic): float32 "
+    agrees = ("" if len(four_bit) < 2 else ": the paper's order" if four_bit == paper else
+              f": not the paper's order ({' < '.join(paper)})")
+    reference = runs[names == "float32"]
+    tests = []
+    for d in four_bit:
+        diff = paired_loss(at[at_names == d], reference)
+        if diff is not None:
+            where = "beyond noise" if diff.excludes_zero else "within noise"
+            tests.append(f"{d} {diff.difference:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}] "
+                         f"({where})")
+    line = (f"**{name}** (the base as stored, nothing trained; deterministic): float32 "
             f"perplexity {base:.3f}; at blocks of {int(smallest)} the 4-bit types give "
-            f"{order}: {agrees}."]
+            f"{order}{agrees}")
+    if tests:
+        line += ("; loss minus float32's, nats per token, 95% paired bootstrap over windows: "
+                 + "; ".join(tests))
+    return [line + "."]
 
 
 BUILDERS = {"rank_ablation": rank_lines, "quant_ablation": quant_lines, "lm_domain": lm_lines,

@@ -49,6 +49,7 @@ from lowrank.train import (  # noqa: E402
     resolve_dtype,
     train,
 )
+from lowrank.train.selection import make_score_step, per_example_scores  # noqa: E402
 
 DEFAULT_DB = ROOT / "workdir" / "results.sqlite"
 
@@ -137,8 +138,9 @@ def _row(config, result, info, start: float, stack_size: int = 1) -> tuple[dict,
         wall_seconds=(time.perf_counter() - start) / stack_size,
         git_commit=git_commit(),
     )
-    if best is not None and best.scores is not None:
-        fields["predictions"] = json.dumps(best.scores, separators=(",", ":"))
+    scores = best.scores if best is not None else getattr(result, "scores", None)
+    if scores is not None:
+        fields["predictions"] = json.dumps(scores, separators=(",", ":"))
     return fields, metrics
 
 
@@ -154,12 +156,19 @@ def _logged_loss(workdir: str | None) -> float:
 
 def evaluate_base(config, task) -> types.SimpleNamespace:
     """The evaluation metrics of the task's frozen base as stored (``method="none"``: no
-    adapters, nothing trained), shaped like the ``TrainResult`` fields :func:`_row` reads."""
+    adapters, nothing trained) and its per-example scores on the evaluation split (each
+    window's loss, for paired tests between bases), shaped like the ``TrainResult`` fields
+    :func:`_row` reads."""
     loss_fn = make_loss_fn(task.model, task.forward, task.loss,
                            compute_dtype=resolve_dtype(config.compute_dtype))
     metrics = evaluate(jax.jit(make_eval_step(loss_fn)), {}, task.params, task.eval_batches())
+    score_step = make_score_step(task.model, task.forward, task.loss,
+                                 compute_dtype=resolve_dtype(config.compute_dtype))
+    scores = None if score_step is None else per_example_scores(
+        jax.jit(score_step), {}, task.params, task.eval_batches())
     return types.SimpleNamespace(eval_metrics=metrics, metrics={"loss": math.nan},
-                                 trainable={}, loop_seconds=0.0, timed_steps=0, workdir=None)
+                                 trainable={}, loop_seconds=0.0, timed_steps=0, workdir=None,
+                                 scores=scores)
 
 
 def already_finished(db, config, experiment: str) -> str | None:
