@@ -151,3 +151,28 @@ def test_summary_block_needs_its_markers(tmp_path):
 
 def test_frames_without_runs_say_so():
     assert report.report(pd.DataFrame()) == [] and report.untabled(pd.DataFrame()) == {}
+
+
+def test_perplexity_table_pairs_the_windows_with_the_float_base():
+    db = results.ResultsDB(":memory:")
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1.0, 3.0, 64)
+    worse = base + 0.05 + rng.normal(0, 0.01, 64)  # every window a little worse
+    model = {"num_layers": 2, "hidden_size": 32}
+    data = {"eval_windows": 64, "seq_len": 16, "eval_domain": "python"}
+    for fmt, losses in (("none", base), ("nf4", worse)):
+        tokens = np.full(64, 16.0)
+        db.write({"method": "none", "seed": 0, "model": model, "data": data,
+                  "quant": {"fmt": fmt, "block_size": 64, "double_quant": False}},
+                 {"perplexity": float(np.exp(losses.mean())), "quant_bits_per_param": 4.5},
+                 experiment="quant_perplexity:x",
+                 predictions=json.dumps({"nll": (losses * tokens).tolist(),
+                                         "tokens": tokens.tolist()}))
+    table = report.perplexity_table(db.frame("ok"), "quant_perplexity:x")
+    expected = stats.paired_bootstrap(worse, base)
+    assert expected.excludes_zero
+    assert table.rows[1] == [
+        "nf4", f"{np.exp(worse.mean()):.3f} ({expected.difference:+.4f} "
+               f"[{expected.low:+.4f}, {expected.high:+.4f}]†)", "4.500"]
+    lines = report_summary.summary_lines(db.frame("ok"))
+    assert "(beyond noise)" in lines[0]
