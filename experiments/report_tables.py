@@ -393,7 +393,7 @@ def perplexity_table(frame: pd.DataFrame, experiment: str = "quant_perplexity") 
                f"windows of {int(first['config.data.seq_len'])} bytes (QLoRA's Table 2). "
                "Deterministic: no seeds.")
     if tested:
-        caption += (" In parentheses: the loss (nats per byte) minus the float32 base's, with "
+        caption += (" In parentheses: the loss (nats per token) minus the float32 base's, with "
                     "its 95% paired-bootstrap interval over the windows († where it excludes "
                     "0; otherwise within noise).")
     return Table(header, rows, caption)

@@ -21,6 +21,8 @@ PINS=(
   "rank_ablation|eb38e647586c73058a04b3735f312894aefa63f7|for s in 1 2; do \$PY experiments/sweep.py --config=configs/rank_ablation.py --seeds=\$s --db=\$DB --workdir=\$RUNS --config.export_adapters=True; done"
   "quant_ablation|eb38e647586c73058a04b3735f312894aefa63f7|for s in 1 2; do \$PY experiments/sweep.py --config=configs/quant_ablation.py --seeds=\$s --db=\$DB --workdir=\$RUNS; done"
   "lm_domain|4603a78b87f48dbebfa581ab9ab562c8b1b38cb1|\$PY experiments/sweep.py --config=configs/lm_domain.py --seeds=2 --db=\$DB --workdir=\$RUNS"
+  "quant_perplexity|ad552972802cff2845967dccbd92452ae250868c|\$PY experiments/sweep.py --config=configs/quant_perplexity.py --db=\$DB"
+  "lm_domain:types|ad552972802cff2845967dccbd92452ae250868c|\$PY experiments/sweep.py --config=configs/lm_domain.py --seeds=2 --db=\$DB --experiment=lm_domain:types '--config.sweep.data_types=(\"none\",\"int8\",\"int4\",\"fp4\",\"nf4\")'"
 )
 
 # The pins must be the commits runs.csv records, experiment by experiment.
