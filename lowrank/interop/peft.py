@@ -345,8 +345,10 @@ def save(
 # ----------------------------------------------------------------------------- loading
 
 
-def read_config(directory: str | Path) -> dict:
-    """The parsed ``adapter_config.json``, checked for options lowrank cannot honour.
+def read_config(directory: str | Path, *, peft_type: str = "LORA",
+                reads: Iterable[str] = ()) -> dict:
+    """The parsed ``adapter_config.json``, checked for options lowrank cannot honour (a
+    ``peft_type`` other than ``peft_type``; an option outside LoRA's and ``reads`` that is set).
 
     >>> read_config("/nonexistent")  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
@@ -362,14 +364,15 @@ def read_config(directory: str | Path) -> dict:
     if not isinstance(config, dict):
         raise BadFileError(f"{file}: expected a JSON object of PEFT options, got "
                            f"{type(config).__name__}")
-    for name, accepted in _FIXED.items():
+    fixed = {**_FIXED, "peft_type": (peft_type,)}
+    for name, accepted in fixed.items():
         if name in config and config[name] not in accepted:
             raise ValueError(
                 f"{file}: {name}={config[name]!r} is not supported; accepted: "
                 + " or ".join(repr(a) for a in accepted)
             )
     for name, value in config.items():
-        if name in _FIXED or name in _READ or name in _INFORMATIONAL:
+        if name in _FIXED or name in _READ or name in _INFORMATIONAL or name in reads:
             continue
         if value not in (None, False, {}, [], ""):
             raise ValueError(
