@@ -167,7 +167,7 @@ def save(directory: str | Path, adapters: Mapping, model: nn.Module, *,
     >>> save("out/adalora", adapters, model, total_steps=100, target_rank=2)  # doctest: +SKIP
     PosixPath('out/adalora')
     """
-    arch = hf.architecture_of(model)
+    hf.architecture_of(model)  # refuses a model transformers has no names for
     flat = paths.flatten(adapters)
     others = [p for p, v in flat.items() if not isinstance(v, AdaLoraTriplet)]
     if others:
