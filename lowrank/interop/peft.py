@@ -190,7 +190,8 @@ def _most_common(values: Mapping[str, Any]) -> Any:
 def _check_pair(path: str, pair: LoraPair, stacked: bool) -> None:
     if type(pair) not in (LoraPair, DoraPair):
         raise ValueError(f"adapter at {path!r} is {type(pair).__name__} ({pair.kind}): PEFT "
-                         "LoRA files hold LoRA and DoRA adapters only")
+                         "LoRA files hold LoRA and DoRA adapters only (VeRA and AdaLoRA files: "
+                         "lowrank.interop.peft_vera, lowrank.interop.peft_adalora)")
     if naming.leaf_name(path) != "kernel" or pair.equation != MATRIX.equation:
         raise ValueError(
             f"adapter at {path!r} cannot be written as PEFT LoRA: PEFT files hold adapters of "
