@@ -420,6 +420,50 @@ def _stack(per_layer: Mapping[int | None, Any], path: str, params: Mapping, what
     return jnp.stack([per_layer[i] for i in range(layers)])
 
 
+def linear_targets(directory: Path, config: Mapping, by_module: Mapping[str, Any],
+                   model: nn.Module, method: str) -> tuple[list[str], list[str]]:
+    """``(targets, modules_to_save)`` of a PEFT config over ``model``'s modules
+    (:func:`lowrank.interop.naming.modules`), refusing targets that match nothing or are not
+    Linear layers (our Dense kernels), naming ``method``.
+
+    >>> linear_targets(Path("x"), {"target_modules": ["q"]}, {"a.q": {}}, None, "LoRA")
+    Traceback (most recent call last):
+    ...
+    ValueError: target_modules selects a.q, which are not Linear layers: ...
+    """
+    all_modules = sorted(by_module)
+    targets = peft_targets(config, all_modules)
+    if not targets:
+        raise ValueError(f"{directory / CONFIG_FILE}: target_modules="
+                         f"{config.get('target_modules')!r} matches no module of "
+                         f"{type(model).__name__}; modules: {_listing(all_modules)}")
+    not_linear = [m for m in targets if "weight" not in by_module[m]
+                  or naming.leaf_name(by_module[m]["weight"].path) != "kernel"]
+    if not_linear:
+        raise ValueError(f"target_modules selects {_listing(not_linear)}, which are not Linear "
+                         f"layers: lowrank reads {method} on Linear layers only")
+    return targets, saved_modules(config, all_modules)
+
+
+def check_tensor_names(directory: Path, tensors: Mapping[str, Any], expected: set[str],
+                       model: nn.Module) -> None:
+    """Raises a ValueError listing the tensors the config implies and the file lacks, and
+    those no targeted module takes.
+
+    >>> check_tensor_names(Path("x"), {"a": 1}, {"a"}, None)
+    """
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    problems = []
+    if missing:
+        problems.append(f"lacks {len(missing)} tensor(s) that {CONFIG_FILE} implies: "
+                        + _listing(missing))
+    if unexpected:
+        problems.append(f"has {len(unexpected)} tensor(s) that no targeted module of "
+                        f"{type(model).__name__} takes: " + _listing(unexpected))
+    if problems:
+        raise ValueError(f"{directory / WEIGHTS_FILE} " + "; and ".join(problems))
+
+
 def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[LoraSpec, dict]:
     """Reads a PEFT LoRA adapter onto our ``model``: ``(spec, adapters)``.
 
@@ -441,21 +485,8 @@ def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[Lora
     directory = Path(directory)
     config = read_config(directory)
     tensors = _read_tensors(directory)
-    index = naming.tensor_index(model, params)
-    by_module = naming.modules(index)
-    all_modules = sorted(by_module)
-
-    targets = peft_targets(config, all_modules)
-    if not targets:
-        raise ValueError(f"{directory / CONFIG_FILE}: target_modules="
-                         f"{config['target_modules']!r} matches no module of "
-                         f"{type(model).__name__}; modules: {_listing(all_modules)}")
-    not_linear = [m for m in targets if "weight" not in by_module[m]
-                  or naming.leaf_name(by_module[m]["weight"].path) != "kernel"]
-    if not_linear:
-        raise ValueError(f"target_modules selects {_listing(not_linear)}, which are not Linear "
-                         "layers: lowrank reads LoRA on Linear layers only")
-    saved = saved_modules(config, all_modules)
+    by_module = naming.modules(naming.tensor_index(model, params))
+    targets, saved = linear_targets(directory, config, by_module, model, "LoRA")
 
     use_dora = config.get("use_dora", False)
     if use_dora not in (False, True):
@@ -463,16 +494,7 @@ def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[Lora
     expected = {f"{PREFIX}{m}.lora_{w}.weight" for m in targets for w in "AB"}
     expected |= {f"{PREFIX}{m}.{MAGNITUDE}" for m in targets if use_dora}
     expected |= {f"{PREFIX}{m}.{n}" for m in saved for n in by_module[m]}
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
-    problems = []
-    if missing:
-        problems.append(f"lacks {len(missing)} tensor(s) that {CONFIG_FILE} implies: "
-                        + _listing(missing))
-    if unexpected:
-        problems.append(f"has {len(unexpected)} tensor(s) that no targeted module of "
-                        f"{type(model).__name__} takes: " + _listing(unexpected))
-    if problems:
-        raise ValueError(f"{directory / WEIGHTS_FILE} " + "; and ".join(problems))
+    check_tensor_names(directory, tensors, expected, model)
 
     flat_params = paths.flatten(paths.params_of(params))
     rank0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)

@@ -40,12 +40,12 @@ from lowrank.interop.peft import (
     PREFIX,
     WEIGHTS_FILE,
     _alternation,
-    _listing,
     _read_tensors,
     _stack,
+    check_tensor_names,
+    linear_targets,
     peft_targets,
     read_config,
-    saved_modules,
 )
 from lowrank.layers import MATRIX
 from lowrank.method import is_adapter
@@ -90,28 +90,12 @@ def load(directory: str | Path, params: Mapping, model: nn.Module
     config = read_config(directory, peft_type="ADALORA", reads=_READS)
     where = directory / CONFIG_FILE
     tensors = _read_tensors(directory)
-    index = naming.tensor_index(model, params)
-    by_module = naming.modules(index)
-    all_modules = sorted(by_module)
-    targets = peft_targets(config, all_modules)
-    if not targets:
-        raise ValueError(f"{where}: target_modules={config.get('target_modules')!r} matches "
-                         f"no module of {type(model).__name__}; modules: "
-                         + _listing(all_modules))
-    not_linear = [m for m in targets if "weight" not in by_module[m]
-                  or naming.leaf_name(by_module[m]["weight"].path) != "kernel"]
-    if not_linear:
-        raise ValueError(f"target_modules selects {_listing(not_linear)}, which are not Linear "
-                         "layers: lowrank reads AdaLoRA on Linear layers only")
-    if saved_modules(config, all_modules):
+    by_module = naming.modules(naming.tensor_index(model, params))
+    targets, saved = linear_targets(directory, config, by_module, model, "AdaLoRA")
+    if saved:
         raise ValueError(f"{where}: modules_to_save is not supported for AdaLoRA files")
     expected = {f"{PREFIX}{m}.lora_{w}" for m in targets for w in "AEB"}
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
-    if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_FILE}: "
-                         + "; ".join(f"{what} {_listing(keys)}" for what, keys in (
-                             ("lacks", missing), ("has tensors no targeted module takes:",
-                                                  unexpected)) if keys))
+    check_tensor_names(directory, tensors, expected, model)
     init_r = int(config.get("init_r", 12))
     alpha = config.get("lora_alpha", 8)
     dropout = float(config.get("lora_dropout", 0.0))

@@ -38,12 +38,12 @@ from lowrank.interop.peft import (
     PREFIX,
     WEIGHTS_FILE,
     _alternation,
-    _listing,
     _read_tensors,
     _stack,
+    check_tensor_names,
+    linear_targets,
     peft_targets,
     read_config,
-    saved_modules,
 )
 from lowrank.models import hf
 from lowrank.spec import LoraSpec
@@ -74,29 +74,13 @@ def load(directory: str | Path, params: Mapping, model: nn.Module
                          "lacks vera_A and vera_B, which PEFT regenerates with torch's "
                          "generator (not reproducible here); save it with save_projection=True")
     tensors = _read_tensors(directory)
-    index = naming.tensor_index(model, params)
-    by_module = naming.modules(index)
-    all_modules = sorted(by_module)
-    targets = peft_targets(config, all_modules)
-    if not targets:
-        raise ValueError(f"{where}: target_modules={config.get('target_modules')!r} matches "
-                         f"no module of {type(model).__name__}; modules: "
-                         + _listing(all_modules))
-    not_linear = [m for m in targets if "weight" not in by_module[m]
-                  or naming.leaf_name(by_module[m]["weight"].path) != "kernel"]
-    if not_linear:
-        raise ValueError(f"target_modules selects {_listing(not_linear)}, which are not Linear "
-                         "layers: lowrank reads VeRA on Linear layers only")
-    if saved_modules(config, all_modules):
+    by_module = naming.modules(naming.tensor_index(model, params))
+    targets, saved = linear_targets(directory, config, by_module, model, "VeRA")
+    if saved:
         raise ValueError(f"{where}: modules_to_save is not supported for VeRA files")
     expected = {f"{PREFIX}{m}.vera_lambda_{w}" for m in targets for w in "bd"}
     expected |= {VERA_A, VERA_B}
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
-    if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_FILE}: "
-                         + "; ".join(f"{what} {_listing(keys)}" for what, keys in (
-                             ("lacks", missing), ("has tensors no targeted module takes:",
-                                                  unexpected)) if keys))
+    check_tensor_names(directory, tensors, expected, model)
     rank = int(config.get("r", 256))
     proj_a, proj_b = np.asarray(tensors[VERA_A]), np.asarray(tensors[VERA_B])
     if proj_a.shape[0] != rank or proj_b.shape[1] != rank:
