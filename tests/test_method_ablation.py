@@ -38,7 +38,7 @@ def test_sweep_has_every_method_once_with_its_own_hash():
     assert resolved["full"].method == "full" and resolved["rslora"].lora.rslora
 
 
-@pytest.mark.parametrize("name", ["vera", "adalora"])
+@pytest.mark.parametrize("name", ["vera", "adalora", "loftq"])
 def test_tiny_runs_end_to_end(name):
     run = _module("experiments_run_methods", "experiments/run.py")
     module, config = common.load("configs/method_ablation.py:tiny")
@@ -47,6 +47,8 @@ def test_tiny_runs_end_to_end(name):
     row = run.run(config, db_path=":memory:", experiment="test")
     assert np.isfinite(row["train_loss"]) and 0.0 <= row["accuracy"] <= 1.0
     assert row["trainable_params"] > 0
+    if name == "loftq":  # the run quantized the base itself (LoftQ), in nf4
+        assert row["bits_per_param"] < 32 and 0 < row["weight_rmse"] < 0.1
 
 
 @pytest.mark.slow
