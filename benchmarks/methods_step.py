@@ -9,6 +9,7 @@ alternately (one of each per round) so the machine's noise hits them alike; medi
 rounds, each method's median divided by LoRA's (QLoRA's for the quantized pair).
 
     .venv/bin/python benchmarks/methods_step.py --rounds 10
+    .venv/bin/python benchmarks/methods_step.py --cost   # XLA's cost analysis, no timing
 """
 
 from __future__ import annotations
@@ -45,7 +46,15 @@ def make_step(model, frozen, x, y, spec):
         u, opt = tx.update(g, opt, a)
         return optax.apply_updates(a, u), opt
 
-    return (lambda s: step(*s, frozen)), (adapters, tx.init(adapters))
+    def cost(s):
+        """XLA's cost analysis of the compiled step: (GFLOP, GB accessed), noise-free."""
+        analysis = step.lower(*s, frozen).compile().cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        return analysis["flops"] / 1e9, analysis["bytes accessed"] / 1e9
+
+    run = lambda s: step(*s, frozen)  # noqa: E731
+    run.cost = cost
+    return run, (adapters, tx.init(adapters))
 
 
 def main():
@@ -56,6 +65,8 @@ def main():
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--cost", action="store_true",
+                        help="print XLA's cost analysis of each step instead of timing")
     args = parser.parse_args()
 
     model = Transformer(args.layers, args.d)
@@ -71,6 +82,14 @@ def main():
         spec = lr.LoraSpec(rank=args.rank, targets=".*kernel", method=method)
         runs[name] = make_step(model, base, x, y, spec)
     states = {name: state for name, (_, state) in runs.items()}
+    if args.cost:
+        costs = {name: step.cost(states[name]) for name, (step, _) in runs.items()}
+        for name, ref in (("LoRA", "LoRA"), ("DoRA", "LoRA"), ("VeRA", "LoRA"),
+                          ("AdaLoRA", "LoRA"), ("QLoRA", "LoRA"), ("QDoRA", "QLoRA")):
+            (f, b), (rf, rb) = costs[name], costs[ref]
+            print(f"{name:7s} {f:8.3f} GFLOP ({f / rf:.3f} x {ref}), {b:7.3f} GB accessed "
+                  f"({b / rb:.3f} x {ref})")
+        return
     times = {name: [] for name in runs}
     for i in range(args.rounds + 2):  # two rounds to compile and warm up
         for name, (step, _) in runs.items():
