@@ -337,3 +337,7 @@ def test_trains_from_the_config_and_exports_its_final_ranks(tmp_path):
     assert np.isfinite(result.metrics["loss"])
     resumed = train(config)  # the budget's state comes back from the checkpoint
     assert int(resumed.start_step) == 8 and ranks(resumed.state.opt_state) == final
+    from lowrank import stack
+    config.workdir = None
+    with pytest.raises(ValueError, match="'adalora' is not stackable"):
+        stack.train_stacked([config, config])
