@@ -97,6 +97,15 @@ def test_merge_equals_the_factored_output_and_unmerges():
     np.testing.assert_allclose(back["fc1"]["kernel"], params["fc1"]["kernel"], atol=1e-6)
 
 
+def test_over_a_quantized_base_equals_the_dequantized_merge():
+    model, x, params, adapters = _setup()
+    frozen = lr.quantize_tree(params, lr.QuantSpec("nf4", block_size=32))
+    assert adapters["fc1"]["kernel"].a.dtype == jnp.float32
+    dense = lr.merge(frozen, adapters)  # dequantized base plus s P diag(lambda) Q
+    np.testing.assert_allclose(lr.apply(model, frozen, adapters, x),
+                               model.apply({"params": dense}, x), rtol=1e-5, atol=1e-5)
+
+
 def test_scanned_layers_equal_their_own_dense_merge():
     class Block(nn.Module):
         @nn.compact
