@@ -38,7 +38,9 @@ def test_sweep_has_every_method_once_with_its_own_hash():
     assert resolved["full"].method == "full" and resolved["rslora"].lora.rslora
 
 
-@pytest.mark.parametrize("name", ["vera", "adalora", "loftq"])
+# VeRA through train(config) is tested in test_vera.py; its sweep run is the slow tier's.
+@pytest.mark.parametrize("name", [pytest.param("vera", marks=pytest.mark.slow), "adalora",
+                                  "loftq"])
 def test_tiny_runs_end_to_end(name):
     run = _module("experiments_run_methods", "experiments/run.py")
     module, config = common.load("configs/method_ablation.py:tiny")
