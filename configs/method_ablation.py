@@ -44,9 +44,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = bbc_config(arg)
     with config.unlocked():
         config.sweep.methods = tuple(METHODS)
-        # AdaLoRA's budget: prune from the first steps, final ranks for the last tenth
-        config.lora.adalora.tinit = max(1, config.steps // 10)
-        config.lora.adalora.tfinal = max(1, config.steps // 10)
     return config
 
 
@@ -67,5 +64,7 @@ def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
             run["lora.rank"] = 16
         if tiny and name == "adalora":
             run["lora.rank"], run["lora.adalora.target_rank"] = 4, 2
+        if name == "adalora":  # the full budget for the first tenth, the final ranks the last
+            run["lora.adalora.tinit"] = run["lora.adalora.tfinal"] = max(1, config.steps // 10)
         runs.append(run)
     return runs

@@ -350,3 +350,15 @@ def test_trains_from_the_config_and_exports_its_final_ranks(tmp_path):
     config.workdir = None
     with pytest.raises(ValueError, match="'adalora' is not stackable"):
         stack.train_stacked([config, config])
+
+
+def test_the_results_hash_leaves_out_the_budget_s_defaults():
+    from lowrank.results import HASHED_UNLESS_DEFAULT, config_hash
+    from lowrank.train import default_config
+
+    config = default_config()
+    ours = {k: v for k, v in HASHED_UNLESS_DEFAULT.items() if k.startswith("lora.adalora.")}
+    assert ours == {f"lora.adalora.{k}": v for k, v in config.lora.adalora.items()}
+    before = config_hash(config)
+    config.lora.adalora.target_rank = 2
+    assert config_hash(config) != before
