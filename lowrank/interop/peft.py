@@ -327,12 +327,26 @@ def save(
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    assert saved_modules(config, all_modules) == sorted(saved), "modules_to_save mismatch"
+    return write_adapter(directory, config, tensors, all_modules, adapted)
+
+
+def write_adapter(directory: str | Path, config: dict, tensors: Mapping[str, Any],
+                  all_modules: list[str], adapted: list[str]) -> Path:
+    """Writes a PEFT adapter directory: ``config`` (its ``target_modules`` kept as module
+    names when PEFT's rules then select exactly ``adapted``, else a regex of their full names)
+    and ``tensors``.
+
+    >>> import tempfile
+    >>> out = write_adapter(tempfile.mkdtemp(), {"target_modules": ["q"]},
+    ...                     {"x": np.zeros(2, np.float32)}, ["a.q", "b.q"], ["a.q"])
+    >>> print(json.loads((out / CONFIG_FILE).read_text())["target_modules"])
+    (a\\.q)
+    """
     if peft_targets(config, all_modules) != adapted:
         config["target_modules"] = "(" + "|".join(re.escape(m) for m in adapted) + ")"
     # PEFT's own matching rules must select exactly what is written.
     assert peft_targets(config, all_modules) == adapted, "target_modules selects other modules"
-    assert saved_modules(config, all_modules) == sorted(saved), "modules_to_save mismatch"
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

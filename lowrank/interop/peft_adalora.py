@@ -20,8 +20,6 @@ option :func:`lowrank.interop.peft.read_config` refuses for LoRA.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-import safetensors.flax
 
 from lowrank import paths
 from lowrank.adalora import AdaLoraTriplet, scale_of
@@ -38,14 +35,13 @@ from lowrank.interop import naming
 from lowrank.interop.peft import (
     CONFIG_FILE,
     PREFIX,
-    WEIGHTS_FILE,
     _alternation,
     _read_tensors,
     _stack,
     check_tensor_names,
     linear_targets,
-    peft_targets,
     read_config,
+    write_adapter,
 )
 from lowrank.layers import MATRIX
 from lowrank.method import is_adapter
@@ -209,13 +205,4 @@ def save(directory: str | Path, adapters: Mapping, model: nn.Module, *,
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    if peft_targets(config, all_modules) != modules:
-        config["target_modules"] = "(" + "|".join(re.escape(m) for m in modules) + ")"
-    assert peft_targets(config, all_modules) == modules, "target_modules selects other modules"
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    safetensors.flax.save_file(
-        {k: jnp.asarray(v) for k, v in sorted(tensors.items())},
-        str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    return directory
+    return write_adapter(directory, config, tensors, all_modules, modules)

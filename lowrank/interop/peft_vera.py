@@ -19,8 +19,6 @@ every option :func:`lowrank.interop.peft.read_config` refuses for LoRA.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-import safetensors.flax
 
 from lowrank import paths
 from lowrank.adapters import check_fits, shape_of
@@ -36,14 +33,13 @@ from lowrank.interop import naming
 from lowrank.interop.peft import (
     CONFIG_FILE,
     PREFIX,
-    WEIGHTS_FILE,
     _alternation,
     _read_tensors,
     _stack,
     check_tensor_names,
     linear_targets,
-    peft_targets,
     read_config,
+    write_adapter,
 )
 from lowrank.models import hf
 from lowrank.spec import LoraSpec
@@ -191,13 +187,4 @@ def save(directory: str | Path, adapters: Mapping, model: nn.Module, *,
         "init_weights": True,
         "inference_mode": True,
     }
-    if peft_targets(config, all_modules) != modules:
-        config["target_modules"] = "(" + "|".join(re.escape(m) for m in modules) + ")"
-    assert peft_targets(config, all_modules) == modules, "target_modules selects other modules"
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    safetensors.flax.save_file(
-        {k: jnp.asarray(v) for k, v in sorted(tensors.items())},
-        str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    return directory
+    return write_adapter(directory, config, tensors, all_modules, modules)
