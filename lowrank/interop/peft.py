@@ -331,6 +331,26 @@ def save(
     return write_adapter(directory, config, tensors, all_modules, adapted)
 
 
+def only_adapters(adapters: Mapping, cls: type, method: str) -> dict[str, Any]:
+    """The flattened ``adapters``, refusing anything but ``cls`` leaves (a file of one
+    method's adapters holds no other method and no full-rank leaves) and an empty tree.
+
+    >>> only_adapters({"w": np.ones(2)}, LoraPair, "VeRA")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'w' is a full-rank leaf: a PEFT VeRA file holds VeRA adapters only ...
+    """
+    flat = paths.flatten(adapters)
+    others = [p for p, v in flat.items() if not isinstance(v, cls)]
+    if others:
+        kind = getattr(flat[others[0]], "kind", "a full-rank leaf")
+        raise ValueError(f"{others[0]!r} is {kind}: a PEFT {method} file holds {method} "
+                         "adapters only (no modules_to_save, no other methods)")
+    if not flat:
+        raise ValueError(f"adapters hold no {method} leaf")
+    return flat
+
+
 def write_adapter(directory: str | Path, config: dict, tensors: Mapping[str, Any],
                   all_modules: list[str], adapted: list[str]) -> Path:
     """Writes a PEFT adapter directory: ``config`` (its ``target_modules`` kept as module

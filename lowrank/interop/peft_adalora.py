@@ -40,11 +40,11 @@ from lowrank.interop.peft import (
     _stack,
     check_tensor_names,
     linear_targets,
+    only_adapters,
     read_config,
     write_adapter,
 )
 from lowrank.layers import MATRIX
-from lowrank.method import is_adapter
 from lowrank.models import hf
 from lowrank.spec import LoraSpec
 
@@ -148,14 +148,7 @@ def save(directory: str | Path, adapters: Mapping, model: nn.Module, *,
     PosixPath('out/adalora')
     """
     hf.architecture_of(model)  # refuses a model transformers has no names for
-    flat = paths.flatten(adapters)
-    others = [p for p, v in flat.items() if not isinstance(v, AdaLoraTriplet)]
-    if others:
-        kind = getattr(flat[others[0]], "kind", "a full-rank leaf")
-        raise ValueError(f"{others[0]!r} is {kind}: a PEFT AdaLoRA file holds AdaLoRA "
-                         "adapters only (no modules_to_save, no other methods)")
-    if not flat:
-        raise ValueError("adapters hold no AdaLoRA leaf")
+    flat = only_adapters(adapters, AdaLoraTriplet, "AdaLoRA")
     settings = {(v.init_rank, round(v.scale * (v.init_rank + 1e-5), 6), v.dropout)
                 for v in flat.values()}
     if len(settings) > 1:
@@ -174,7 +167,7 @@ def save(directory: str | Path, adapters: Mapping, model: nn.Module, *,
         if naming.leaf_name(slot.path) != "kernel" or leaf.equation != MATRIX.equation:
             raise ValueError(f"adapter at {slot.path!r} is not on a Linear weight: PEFT "
                              "AdaLoRA files hold Linear adapters only")
-        if not is_adapter(leaf) or leaf.a.ndim != 2 + (slot.layer is not None):
+        if leaf.a.ndim != 2 + (slot.layer is not None):
             raise ValueError(f"adapter at {slot.path!r} has A {tuple(leaf.a.shape)}; expected "
                              "[in, r] (with one leading layer axis when scanned)")
         a, e, b = (np.asarray(naming.slice_of(x, slot), np.float32)

@@ -38,6 +38,7 @@ from lowrank.interop.peft import (
     _stack,
     check_tensor_names,
     linear_targets,
+    only_adapters,
     read_config,
     write_adapter,
 )
@@ -129,14 +130,7 @@ def save(directory: str | Path, adapters: Mapping, model: nn.Module, *,
     PosixPath('out/vera')
     """
     hf.architecture_of(model)  # refuses a model transformers has no names for
-    flat = paths.flatten(adapters)
-    others = [p for p, v in flat.items() if not isinstance(v, VeraAdapter)]
-    if others:
-        kind = getattr(flat[others[0]], "kind", "a full-rank leaf")
-        raise ValueError(f"{others[0]!r} is {kind}: a PEFT VeRA file holds VeRA adapters only "
-                         "(no modules_to_save, no other methods)")
-    if not flat:
-        raise ValueError("adapters hold no VeRA leaf")
+    flat = only_adapters(adapters, VeraAdapter, "VeRA")
     settings = {(v.rank, v.max_in, v.max_out, v.dropout, v.stored, v.seed)
                 for v in flat.values()}
     if len(settings) > 1:
