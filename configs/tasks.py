@@ -116,12 +116,28 @@ def count_trainable(trainable: Any) -> int:
     return sum(int(np.size(x)) for x in jax.tree.leaves(trainable))
 
 
-def _quantize(params: dict, config: Any, family: str) -> tuple[dict, BaseInfo]:
+def _quant_spec(config: Any, family: str) -> quant.QuantSpec | None:
     q = config.quant
+    if q.fmt == "none":
+        return None
+    return quant.QuantSpec(q.fmt, block_size=q.block_size, double_quant=q.double_quant,
+                           targets=QUANT_TARGETS[family])
+
+
+def _for_loftq(task: Task, params: dict, config: Any, family: str) -> Task:
+    """With ``lora.init="loftq"`` the run quantizes the float base itself (LoftQ fits the
+    adapters to that quantization's error): the task keeps the float params and says how to
+    quantize them. (The base's statistics stay those of plain quantization.)"""
+    spec = _quant_spec(config, family)
+    if config.lora.init != "loftq" or spec is None:
+        return task
+    return dataclasses.replace(task, params=params, quant=spec)
+
+
+def _quantize(params: dict, config: Any, family: str) -> tuple[dict, BaseInfo]:
     frozen = params
-    if q.fmt != "none":
-        spec = quant.QuantSpec(q.fmt, block_size=q.block_size, double_quant=q.double_quant,
-                               targets=QUANT_TARGETS[family])
+    spec = _quant_spec(config, family)
+    if spec is not None:
         frozen = quant.quantize_tree(params, spec)
     sq_err, n_quant, quant_bytes = 0.0, 0, 0
     flat, flat_q = lr.paths.flatten(params), lr.paths.flatten(frozen)
@@ -265,7 +281,7 @@ def _bbc(config: Any) -> tuple[Task, BaseInfo]:
     task = Task(model, frozen, train_batch, "classification", eval_batches,
                 forward=_bert_forward, source=f"bbc:{m.name}",
                 test_batches=test_batches if test_split else None)
-    return task, info
+    return _for_loftq(task, dict(params), config, "bert"), info
 
 
 def bbc_classifier(config: Any) -> Task:
@@ -360,7 +376,7 @@ def _lm(config: Any) -> tuple[Task, BaseInfo]:
     frozen, info = _quantize(dict(params), config, "llama")
     task = _lm_task(model, frozen, config, "english", (0, config.data.eval_windows),
                     eval_domain=config.data.get("eval_domain", None))
-    return task, info
+    return _for_loftq(task, dict(params), config, "llama"), info
 
 
 def lm_domain(config: Any) -> Task:

@@ -5,6 +5,7 @@
 """
 
 from lowrank import optim
+from lowrank.adalora import AdaLoRA, AdaLoraTriplet
 from lowrank.adapters import init_adapters, merge, unmerge
 from lowrank.dora import DoRA, DoraPair
 from lowrank.init_quantized import init
@@ -29,6 +30,8 @@ from lowrank.vera import VeRA, VeraAdapter
 
 __all__ = [
     "FORMATS",
+    "AdaLoRA",
+    "AdaLoraTriplet",
     "Adapter",
     "DoRA",
     "DoraPair",

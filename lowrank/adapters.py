@@ -18,7 +18,7 @@ import numpy as np
 
 from lowrank import paths, quant
 from lowrank.layers import MATRIX, Factorization
-from lowrank.method import Target, is_adapter
+from lowrank.method import Target, is_adapter, is_shared
 from lowrank.spec import LoraSpec
 
 
@@ -146,7 +146,7 @@ def check_fits(frozen_flat: Mapping[str, Any], adapters_flat: Mapping[str, Any])
             )
         base_shape = shape_of(frozen_flat[p])
         if is_adapter(leaf):
-            got = jax.eval_shape(lambda x: x.delta(), leaf).shape
+            got = leaf.delta_shape()
             if got != base_shape:
                 shapes = " times ".join(f"{k.upper()} {tuple(np.shape(v))}"
                                         for k, v in leaf.arrays().items() if k in ("a", "b"))
@@ -165,8 +165,9 @@ def merge(frozen: Mapping, adapters: Mapping) -> dict:
     """A plain dense params tree: each adapter's ``leaf.merge(W)``, trained leaves in place.
 
     Quantized weights are dequantized (to their original dtype), so the result runs on the
-    unmodified model with ``model.apply``. For export and inference; training keeps the
-    factored form.
+    unmodified model with ``model.apply``; a method's shared frozen arrays (paths starting
+    with ``@``, VeRA's loaded projections) are read and left out. For export and inference;
+    training keeps the factored form.
 
     >>> params = {"d": {"kernel": jnp.ones((4, 4))}}
     >>> adapters = init_adapters(jax.random.key(0), params, LoraSpec(rank=1))
@@ -176,9 +177,10 @@ def merge(frozen: Mapping, adapters: Mapping) -> dict:
     flat = paths.flatten(paths.params_of(frozen))
     ad = paths.flatten(adapters)
     check_fits(flat, ad)
-    out = {p: materialize(w) for p, w in flat.items()}
+    out = {p: materialize(w) for p, w in flat.items() if not is_shared(p)}
     for p, leaf in ad.items():
-        out[p] = leaf.merge(out[p]).astype(out[p].dtype) if is_adapter(leaf) else leaf
+        out[p] = (leaf.bind(flat).merge(out[p]).astype(out[p].dtype) if is_adapter(leaf)
+                  else leaf)
     return paths.unflatten(out)
 
 
@@ -200,5 +202,5 @@ def unmerge(merged: Mapping, adapters: Mapping) -> dict:
     check_fits(flat, ad)
     for p, leaf in ad.items():
         if is_adapter(leaf):
-            flat[p] = leaf.unmerge(flat[p]).astype(flat[p].dtype)
+            flat[p] = leaf.bind(flat).unmerge(flat[p]).astype(flat[p].dtype)
     return paths.unflatten(flat)

@@ -39,7 +39,10 @@ def combine(frozen: Mapping, adapters: Mapping) -> dict:
     ad = paths.flatten(adapters)
     check_fits(flat, ad)
     for p, leaf in ad.items():
-        flat[p + LORA_SUFFIX if is_adapter(leaf) else p] = leaf
+        if is_adapter(leaf):
+            flat[p + LORA_SUFFIX] = leaf.bind(flat)
+        else:
+            flat[p] = leaf
     return paths.unflatten(flat)
 
 

@@ -121,6 +121,10 @@ class Adapter:
         """The low-rank part of the update, dense, in the kernel's layout."""
         raise NotImplementedError
 
+    def delta_shape(self) -> tuple[int, ...]:
+        """The shape of :meth:`delta`: the weight's, leading stack axes included."""
+        return tuple(jax.eval_shape(lambda x: x.delta(), self).shape)
+
     def statics(self) -> dict[str, Any]:
         """The static (non-array) fields, JSON-ready: what an export records beside arrays."""
         raise NotImplementedError
@@ -129,6 +133,14 @@ class Adapter:
         """The leaf's arrays by field name (``{"a": ..., "b": ...}`` for LoRA)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.metadata.get("pytree_node", True)}
+
+    def bind(self, frozen_flat: Mapping[str, Any]) -> Adapter:
+        """This leaf with the frozen arrays it reads from the frozen tree (``{path: leaf}``,
+        flattened) attached, for one forward pass or merge; by default itself. A method whose
+        frozen state is shared across weights keeps it in the frozen tree (so it never gets a
+        gradient or optimizer state) under a path starting with :data:`SHARED`."""
+        del frozen_flat
+        return self
 
     def merge(self, weight: jax.Array) -> jax.Array:
         """The merged dense weight (``weight`` already materialised, float)."""
@@ -152,6 +164,21 @@ class Adapter:
     def from_arrays(cls, arrays: Mapping[str, Any], statics: Mapping[str, Any]) -> Adapter:
         """Inverse of :meth:`arrays` and :meth:`statics`."""
         return cls(**arrays, **statics)
+
+
+# Top-level entries of the frozen tree whose name starts with this hold a method's shared
+# frozen arrays (VeRA's projections loaded from a file), not model weights: the model ignores
+# them, merging drops them.
+SHARED = "@"
+
+
+def is_shared(path: str) -> bool:
+    """Whether ``path`` of a frozen tree is a method's shared array (see :data:`SHARED`).
+
+    >>> is_shared("@vera/a"), is_shared("dense/kernel")
+    (True, False)
+    """
+    return path.startswith(SHARED)
 
 
 def is_adapter(x: Any) -> bool:

@@ -35,8 +35,15 @@ UNHASHED = ("workdir", "quiet", "log.every", "log.tensorboard", "checkpoint.ever
             "sweep.")
 # Fields added after results were recorded, left out of the hash while they hold the value
 # that computes what runs did before them, so recorded runs keep their hashes.
-HASHED_UNLESS_DEFAULT = {"lora.method": "lora", "eval.select": None,
-                         "optimizer.lr_multipliers": []}
+HASHED_UNLESS_DEFAULT = {
+    "lora.method": "lora",
+    # AdaLoRA's budget (lowrank.train.default_config's; tests/test_adalora.py checks they agree)
+    "lora.adalora.target_rank": 4, "lora.adalora.tinit": 0, "lora.adalora.tfinal": 0,
+    "lora.adalora.delta_t": 1, "lora.adalora.beta1": 0.85, "lora.adalora.beta2": 0.85,
+    "lora.adalora.orth_reg_weight": 0.5,
+    # model selection on validation and per-group learning rates (the results protocol)
+    "eval.select": None, "optimizer.lr_multipliers": [],
+}
 
 _FIXED_COLUMNS = {
     "id": "INTEGER PRIMARY KEY AUTOINCREMENT",

@@ -56,9 +56,11 @@ class LoraSpec:
         biases, norms).
       loftq_iters: alternating steps of the LoftQ initialisation.
       method: the method of every target no rule claims: "lora", "dora" (DoRA, Liu et
-        al. 2024: LoRA plus a trainable magnitude per output unit) or "vera" (VeRA, Kopiczko
-        et al. 2024: shared frozen projections, two trainable vectors), built from the fields
-        above by the method's ``from_spec`` (VeRA takes rank and dropout).
+        al. 2024: LoRA plus a trainable magnitude per output unit), "vera" (VeRA, Kopiczko
+        et al. 2024: shared frozen projections, two trainable vectors) or "adalora" (AdaLoRA,
+        Zhang et al. 2023: an SVD-form update whose ranks a budget masks; ``rank`` is the
+        initial rank), built from the fields above by the method's ``from_spec`` (VeRA takes
+        rank and dropout).
       rules: ordered ``(regex, method object)`` pairs, first match wins, choosing the method
         per target (``[(r".*attention.*", LoRA(rank=8)), (r".*mlp.*", DoRA(rank=4))]``);
         each must match some target. ``targets`` still says which weights are adapted.

@@ -8,9 +8,18 @@ and ``B`` ``[max_out, r]``, sized to the largest adapted layer and sliced per la
 
     y = x W + lambda_b * ((lambda_d * (dropout(x) A^T)) B^T)
 
-with no alpha. The projections are regenerated inside the step from ``projection_seed`` (JAX's
-PRNG, so their values differ from PEFT's torch generator), so nothing but the two vectors is
-stored or trained; under ``jit`` they are computed once per step.
+with no alpha. The projections come from one of two places:
+
+* regenerated inside the step from ``projection_seed`` (JAX's PRNG, so their values differ
+  from PEFT's torch generator): nothing but the two vectors is stored or trained, and under
+  ``jit`` they are computed once per step. This is what :func:`lowrank.init_adapters` makes.
+* stored as arrays in the **frozen tree**, under ``"@vera"`` (:func:`with_projections`), for
+  projections that cannot be regenerated (PEFT's, loaded by
+  :func:`lowrank.interop.peft_vera.load`); the leaf says so (``stored=True``). The frozen tree
+  is their place because they are frozen: the gradient is taken of the trainable tree only,
+  so they get no gradient and no optimizer state (in the trainable tree an optimizer would
+  decay or move them), and a shared pair is held once, not per weight. ``lowrank.apply`` and
+  ``lowrank.merge`` hand them to each leaf (``Adapter.bind``); the model never sees them.
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, lowrank as lr
 >>> model = nn.Dense(3)
@@ -34,9 +43,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lowrank import paths
 from lowrank.layer_call import LayerCall
 from lowrank.layers import MATRIX
-from lowrank.method import Adapter, Method, Target, register
+from lowrank.method import SHARED, Adapter, Method, Target, register
+
+# The frozen tree's entry for stored projections: {"a": [max_in, r], "b": [r, max_out]}.
+PROJECTIONS = SHARED + "vera"
+
+
+def with_projections(frozen: Any, a: jax.Array, b: jax.Array) -> dict:
+    """``frozen`` with the shared projections ``a`` ``[max_in, r]`` and ``b`` ``[r, max_out]``
+    (our kernel layout: PEFT's ``vera_A`` and ``vera_B`` transposed) stored under
+    ``"@vera"``, for VeRA leaves made with ``stored=True``.
+
+    >>> sorted(with_projections({"d": {}}, jnp.ones((4, 2)), jnp.ones((2, 3))))
+    ['@vera', 'd']
+    """
+    frozen = dict(paths.params_of(frozen))
+    frozen[PROJECTIONS] = {"a": a, "b": b}
+    return frozen
 
 
 def projections(seed: int, rank: int, max_in: int, max_out: int,
@@ -114,9 +140,17 @@ class VeRA(Method):
     @classmethod
     def factors(cls, leaf: VeraAdapter, dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
         """``(A * lambda_d, lambda_b * B)`` for this weight: a LoRA pair with scale 1."""
-        a, b = projections(leaf.seed, leaf.rank, leaf.max_in, leaf.max_out, dtype)
-        a = a[: leaf.fan_in] * leaf.lambda_d.astype(dtype)[..., None, :]
-        b = b[:, : leaf.lambda_b.shape[-1]] * leaf.lambda_b.astype(dtype)[..., None, :]
+        if leaf.proj_a is not None:
+            a, b = leaf.proj_a.astype(dtype), leaf.proj_b.astype(dtype)
+        elif leaf.stored:
+            raise ValueError(
+                f"this VeRA adapter reads its projections from the frozen tree's "
+                f"{PROJECTIONS!r} entry, which is missing: run it over the frozen tree that "
+                "lowrank.interop.peft_vera.load returned (or lowrank.vera.with_projections)")
+        else:
+            a, b = projections(leaf.seed, leaf.rank, leaf.max_in, leaf.max_out, dtype)
+        a = a[..., : leaf.fan_in, :] * leaf.lambda_d.astype(dtype)[..., None, :]
+        b = b[..., : leaf.lambda_b.shape[-1]] * leaf.lambda_b.astype(dtype)[..., None, :]
         return a, b
 
     @classmethod
@@ -146,9 +180,37 @@ class VeraAdapter(Adapter):
     max_out: int = struct.field(pytree_node=False, kw_only=True)
     seed: int = struct.field(pytree_node=False, default=0, kw_only=True)
     dropout: float = struct.field(pytree_node=False, default=0.0, kw_only=True)
+    stored: bool = struct.field(pytree_node=False, default=False, kw_only=True)
+    # Set only on a leaf bound to the frozen tree (inside apply/merge), never trained.
+    proj_a: jax.Array | None = struct.field(default=None, kw_only=True)
+    proj_b: jax.Array | None = struct.field(default=None, kw_only=True)
 
     method: ClassVar[type[Method]] = VeRA
     kind: ClassVar[str] = "vera"
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """The trainable vectors (a bound leaf's projections belong to the frozen tree)."""
+        return {"lambda_d": self.lambda_d, "lambda_b": self.lambda_b}
+
+    def delta_shape(self) -> tuple[int, ...]:
+        return (*self.lambda_d.shape[:-1], self.fan_in, self.lambda_b.shape[-1])
+
+    def bind(self, frozen_flat: Any) -> VeraAdapter:
+        """With ``stored=True``: this leaf carrying the frozen tree's ``"@vera"`` projections
+        (when the frozen tree has them); otherwise itself."""
+        a = frozen_flat.get(f"{PROJECTIONS}/a")
+        if not self.stored or a is None:
+            return self
+        b = frozen_flat[f"{PROJECTIONS}/b"]
+        if a.shape != (self.max_in, self.rank) or b.shape != (self.rank, self.max_out):
+            raise ValueError(f"the frozen tree's {PROJECTIONS!r} projections are A "
+                             f"{tuple(a.shape)} and B {tuple(b.shape)}; this VeRA adapter "
+                             f"needs A ({self.max_in}, {self.rank}) and B ({self.rank}, "
+                             f"{self.max_out})")
+        # One copy per layer of a stack: nn.scan slices every array of the leaf.
+        lead = self.lambda_d.shape[:-1]
+        return self.replace(proj_a=jnp.broadcast_to(a, lead + a.shape),
+                            proj_b=jnp.broadcast_to(b, lead + b.shape))
 
     @property
     def rank(self) -> int:
@@ -161,7 +223,7 @@ class VeraAdapter(Adapter):
 
     def statics(self) -> dict[str, Any]:
         return {"fan_in": self.fan_in, "max_in": self.max_in, "max_out": self.max_out,
-                "seed": self.seed, "dropout": self.dropout}
+                "seed": self.seed, "dropout": self.dropout, "stored": self.stored}
 
 
 register(VeRA, VeraAdapter)

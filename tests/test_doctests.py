@@ -47,6 +47,17 @@ COVERED_BY = {
     "lowrank.interop.hf_export": "test_interop_export.py::"
                                  "test_merged_qlora_export_loaded_by_transformers_equals_our_adapted_model",
     "lowrank.interop.peft": "test_interop_peft.py::test_round_trip_keeps_ranks_alphas_and_scales",
+    "lowrank.interop.peft_adalora":
+        "test_interop_peft_adalora.py::test_round_trip_keeps_outputs_and_writes_peft_s_layout",
+    "lowrank.interop.peft_adalora.load":
+        "test_interop_peft_adalora.py::test_peft_adalora_adapter_gives_peft_outputs",
+    "lowrank.interop.peft_adalora.save":
+        "test_interop_peft_adalora.py::test_our_adalora_adapter_gives_the_outputs_peft_computed_from_it",
+    "lowrank.interop.peft_vera": "test_interop_peft_vera.py::test_round_trip_writes_peft_s_layout",
+    "lowrank.interop.peft_vera.load":
+        "test_interop_peft_vera.py::test_peft_vera_adapter_gives_peft_outputs",
+    "lowrank.interop.peft_vera.save":
+        "test_interop_peft_vera.py::test_our_vera_adapter_gives_the_outputs_peft_computed_from_it",
     "lowrank.interop.peft.load": "test_interop_peft.py::test_adapter_gives_peft_outputs",
     "lowrank.interop.peft.save":
         "test_interop_peft.py::test_save_writes_exactly_the_files_peft_read",

@@ -190,7 +190,8 @@ def _most_common(values: Mapping[str, Any]) -> Any:
 def _check_pair(path: str, pair: LoraPair, stacked: bool) -> None:
     if type(pair) not in (LoraPair, DoraPair):
         raise ValueError(f"adapter at {path!r} is {type(pair).__name__} ({pair.kind}): PEFT "
-                         "LoRA files hold LoRA and DoRA adapters only")
+                         "LoRA files hold LoRA and DoRA adapters only (VeRA and AdaLoRA files: "
+                         "lowrank.interop.peft_vera, lowrank.interop.peft_adalora)")
     if naming.leaf_name(path) != "kernel" or pair.equation != MATRIX.equation:
         raise ValueError(
             f"adapter at {path!r} cannot be written as PEFT LoRA: PEFT files hold adapters of "
@@ -326,12 +327,46 @@ def save(
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    assert saved_modules(config, all_modules) == sorted(saved), "modules_to_save mismatch"
+    return write_adapter(directory, config, tensors, all_modules, adapted)
+
+
+def only_adapters(adapters: Mapping, cls: type, method: str) -> dict[str, Any]:
+    """The flattened ``adapters``, refusing anything but ``cls`` leaves (a file of one
+    method's adapters holds no other method and no full-rank leaves) and an empty tree.
+
+    >>> only_adapters({"w": np.ones(2)}, LoraPair, "VeRA")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'w' is a full-rank leaf: a PEFT VeRA file holds VeRA adapters only ...
+    """
+    flat = paths.flatten(adapters)
+    others = [p for p, v in flat.items() if not isinstance(v, cls)]
+    if others:
+        kind = getattr(flat[others[0]], "kind", "a full-rank leaf")
+        raise ValueError(f"{others[0]!r} is {kind}: a PEFT {method} file holds {method} "
+                         "adapters only (no modules_to_save, no other methods)")
+    if not flat:
+        raise ValueError(f"adapters hold no {method} leaf")
+    return flat
+
+
+def write_adapter(directory: str | Path, config: dict, tensors: Mapping[str, Any],
+                  all_modules: list[str], adapted: list[str]) -> Path:
+    """Writes a PEFT adapter directory: ``config`` (its ``target_modules`` kept as module
+    names when PEFT's rules then select exactly ``adapted``, else a regex of their full names)
+    and ``tensors``.
+
+    >>> import tempfile
+    >>> out = write_adapter(tempfile.mkdtemp(), {"target_modules": ["q"]},
+    ...                     {"x": np.zeros(2, np.float32)}, ["a.q", "b.q"], ["a.q"])
+    >>> print(json.loads((out / CONFIG_FILE).read_text())["target_modules"])
+    (a\\.q)
+    """
     if peft_targets(config, all_modules) != adapted:
         config["target_modules"] = "(" + "|".join(re.escape(m) for m in adapted) + ")"
     # PEFT's own matching rules must select exactly what is written.
     assert peft_targets(config, all_modules) == adapted, "target_modules selects other modules"
-    assert saved_modules(config, all_modules) == sorted(saved), "modules_to_save mismatch"
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -345,8 +380,10 @@ def save(
 # ----------------------------------------------------------------------------- loading
 
 
-def read_config(directory: str | Path) -> dict:
-    """The parsed ``adapter_config.json``, checked for options lowrank cannot honour.
+def read_config(directory: str | Path, *, peft_type: str = "LORA",
+                reads: Iterable[str] = ()) -> dict:
+    """The parsed ``adapter_config.json``, checked for options lowrank cannot honour (a
+    ``peft_type`` other than ``peft_type``; an option outside LoRA's and ``reads`` that is set).
 
     >>> read_config("/nonexistent")  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
@@ -362,14 +399,15 @@ def read_config(directory: str | Path) -> dict:
     if not isinstance(config, dict):
         raise BadFileError(f"{file}: expected a JSON object of PEFT options, got "
                            f"{type(config).__name__}")
-    for name, accepted in _FIXED.items():
+    fixed = {**_FIXED, "peft_type": (peft_type,)}
+    for name, accepted in fixed.items():
         if name in config and config[name] not in accepted:
             raise ValueError(
                 f"{file}: {name}={config[name]!r} is not supported; accepted: "
                 + " or ".join(repr(a) for a in accepted)
             )
     for name, value in config.items():
-        if name in _FIXED or name in _READ or name in _INFORMATIONAL:
+        if name in _FIXED or name in _READ or name in _INFORMATIONAL or name in reads:
             continue
         if value not in (None, False, {}, [], ""):
             raise ValueError(
@@ -416,6 +454,50 @@ def _stack(per_layer: Mapping[int | None, Any], path: str, params: Mapping, what
     return jnp.stack([per_layer[i] for i in range(layers)])
 
 
+def linear_targets(directory: Path, config: Mapping, by_module: Mapping[str, Any],
+                   model: nn.Module, method: str) -> tuple[list[str], list[str]]:
+    """``(targets, modules_to_save)`` of a PEFT config over ``model``'s modules
+    (:func:`lowrank.interop.naming.modules`), refusing targets that match nothing or are not
+    Linear layers (our Dense kernels), naming ``method``.
+
+    >>> linear_targets(Path("x"), {"target_modules": ["q"]}, {"a.q": {}}, None, "LoRA")
+    Traceback (most recent call last):
+    ...
+    ValueError: target_modules selects a.q, which are not Linear layers: ...
+    """
+    all_modules = sorted(by_module)
+    targets = peft_targets(config, all_modules)
+    if not targets:
+        raise ValueError(f"{directory / CONFIG_FILE}: target_modules="
+                         f"{config.get('target_modules')!r} matches no module of "
+                         f"{type(model).__name__}; modules: {_listing(all_modules)}")
+    not_linear = [m for m in targets if "weight" not in by_module[m]
+                  or naming.leaf_name(by_module[m]["weight"].path) != "kernel"]
+    if not_linear:
+        raise ValueError(f"target_modules selects {_listing(not_linear)}, which are not Linear "
+                         f"layers: lowrank reads {method} on Linear layers only")
+    return targets, saved_modules(config, all_modules)
+
+
+def check_tensor_names(directory: Path, tensors: Mapping[str, Any], expected: set[str],
+                       model: nn.Module) -> None:
+    """Raises a ValueError listing the tensors the config implies and the file lacks, and
+    those no targeted module takes.
+
+    >>> check_tensor_names(Path("x"), {"a": 1}, {"a"}, None)
+    """
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    problems = []
+    if missing:
+        problems.append(f"lacks {len(missing)} tensor(s) that {CONFIG_FILE} implies: "
+                        + _listing(missing))
+    if unexpected:
+        problems.append(f"has {len(unexpected)} tensor(s) that no targeted module of "
+                        f"{type(model).__name__} takes: " + _listing(unexpected))
+    if problems:
+        raise ValueError(f"{directory / WEIGHTS_FILE} " + "; and ".join(problems))
+
+
 def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[LoraSpec, dict]:
     """Reads a PEFT LoRA adapter onto our ``model``: ``(spec, adapters)``.
 
@@ -437,21 +519,8 @@ def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[Lora
     directory = Path(directory)
     config = read_config(directory)
     tensors = _read_tensors(directory)
-    index = naming.tensor_index(model, params)
-    by_module = naming.modules(index)
-    all_modules = sorted(by_module)
-
-    targets = peft_targets(config, all_modules)
-    if not targets:
-        raise ValueError(f"{directory / CONFIG_FILE}: target_modules="
-                         f"{config['target_modules']!r} matches no module of "
-                         f"{type(model).__name__}; modules: {_listing(all_modules)}")
-    not_linear = [m for m in targets if "weight" not in by_module[m]
-                  or naming.leaf_name(by_module[m]["weight"].path) != "kernel"]
-    if not_linear:
-        raise ValueError(f"target_modules selects {_listing(not_linear)}, which are not Linear "
-                         "layers: lowrank reads LoRA on Linear layers only")
-    saved = saved_modules(config, all_modules)
+    by_module = naming.modules(naming.tensor_index(model, params))
+    targets, saved = linear_targets(directory, config, by_module, model, "LoRA")
 
     use_dora = config.get("use_dora", False)
     if use_dora not in (False, True):
@@ -459,16 +528,7 @@ def load(directory: str | Path, params: Mapping, model: nn.Module) -> tuple[Lora
     expected = {f"{PREFIX}{m}.lora_{w}.weight" for m in targets for w in "AB"}
     expected |= {f"{PREFIX}{m}.{MAGNITUDE}" for m in targets if use_dora}
     expected |= {f"{PREFIX}{m}.{n}" for m in saved for n in by_module[m]}
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
-    problems = []
-    if missing:
-        problems.append(f"lacks {len(missing)} tensor(s) that {CONFIG_FILE} implies: "
-                        + _listing(missing))
-    if unexpected:
-        problems.append(f"has {len(unexpected)} tensor(s) that no targeted module of "
-                        f"{type(model).__name__} takes: " + _listing(unexpected))
-    if problems:
-        raise ValueError(f"{directory / WEIGHTS_FILE} " + "; and ".join(problems))
+    check_tensor_names(directory, tensors, expected, model)
 
     flat_params = paths.flatten(paths.params_of(params))
     rank0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)

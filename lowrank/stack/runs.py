@@ -142,6 +142,10 @@ def _check_stackable(configs: Sequence[Any]) -> None:
             raise ValueError(f"run {i}: config.workdir is {config.workdir!r}, but a stack "
                              "writes no checkpoints, metrics files or exports (its results "
                              "come back as TrainResults): set config.workdir to None")
+        if config.lora.method == "adalora":
+            raise ValueError(f"run {i}: config.lora.method 'adalora' is not stackable: its rank "
+                             "budget (an optax transform around AdamW) and its orthogonality "
+                             "penalty are per run; train AdaLoRA runs one at a time")
         if config.lora.init not in STACKABLE_INITS:
             raise ValueError(f"run {i}: config.lora.init {config.lora.init!r} changes the "
                              f"frozen base, which a stack shares; stackable: {STACKABLE_INITS}")

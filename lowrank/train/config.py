@@ -31,6 +31,11 @@ def default_config() -> ml_collections.ConfigDict:
         rank_pattern and alpha_pattern as tuples of (regex, value) pairs, dropout, init,
         rslora, trainable, method). ``init`` "pissa" or "loftq" also makes the frozen base
         (``lowrank.init``; LoftQ quantizes it with the task's ``quant``).
+      lora.adalora.*: with ``lora.method = "adalora"`` (``lora.rank`` is the initial rank),
+        the budget of :func:`lowrank.adalora_budget.adalora_budget` (target_rank, tinit,
+        tfinal, delta_t, beta1, beta2; ``total_steps`` is ``steps``) and the weight of
+        :func:`lowrank.adalora.orthogonality_penalty` in the train loss (orth_reg_weight).
+        The final ranks go to the export's ``adapters.json`` (``"ranks"``).
       optimizer.learning_rate, .schedule ("constant", "warmup_cosine", "linear"),
         .warmup_steps, .end_learning_rate, .weight_decay, .loraplus_ratio, .lr_multipliers
         (``(regex, multiplier)`` pairs: a head learning faster than the body), .clip_norm
@@ -85,6 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
         rslora=spec.rslora,
         trainable=placeholder(str),
         method=spec.method,
+        adalora=ml_collections.ConfigDict(dict(
+            target_rank=4, tinit=0, tfinal=0, delta_t=1, beta1=0.85, beta2=0.85,
+            orth_reg_weight=0.5)),
     ))
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-3,
@@ -116,6 +124,7 @@ def lora_spec(lora: ml_collections.ConfigDict) -> LoraSpec:
     8
     """
     fields = lora.to_dict()
+    fields.pop("adalora", None)  # the budget's and the loss's, not the spec's
     for name in ("rank_pattern", "alpha_pattern"):
         fields[name] = tuple(tuple(pair) for pair in fields[name])
     return LoraSpec(**fields)

@@ -33,6 +33,7 @@ def export_adapters(
     *,
     lora: Mapping | None = None,
     base: Mapping | None = None,
+    ranks: Mapping | None = None,
 ) -> pathlib.Path:
     """Writes the trainable tree to ``directory`` (created if needed); returns the directory.
 
@@ -40,6 +41,8 @@ def export_adapters(
       trainable: the adapters tree (adapter leaves and full-rank leaves).
       lora: the LoRA settings to record (e.g. the ``config.lora`` fields).
       base: where the frozen base came from, e.g. ``{"source": ..., "sha256": ...}``.
+      ranks: the final rank of each adapted matrix, recorded as ``"ranks"`` (AdaLoRA's,
+        from :func:`lowrank.adalora_budget.ranks`).
 
     >>> import tempfile
     >>> pair = LoraPair(jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=2.0)
@@ -60,6 +63,8 @@ def export_adapters(
     save_file(arrays, str(directory / WEIGHTS))
     index = {"format": FORMAT, "version": 1, "pairs": pairs, "leaves": leaves,
              "lora": dict(lora or {}), "base": dict(base or {})}
+    if ranks is not None:
+        index["ranks"] = dict(ranks)
     (directory / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
     return directory
 

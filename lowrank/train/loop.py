@@ -13,6 +13,9 @@ import jax
 import optax
 
 from lowrank import optim, quant
+from lowrank.adalora import with_orthogonality_penalty
+from lowrank.adalora_budget import adalora_budget
+from lowrank.adalora_budget import ranks as adalora_ranks
 from lowrank.adapters import init_adapters
 from lowrank.init_quantized import init as init_with_base
 from lowrank.train import checkpoint as ckpt_lib
@@ -136,7 +139,8 @@ def _json(value: Any) -> Any:
 
 
 def optimizer(config: Any) -> tuple[optax.Schedule, optax.GradientTransformation]:
-    """The learning-rate schedule and the AdamW of ``config.optimizer``.
+    """The learning-rate schedule and the AdamW of ``config.optimizer`` (inside AdaLoRA's
+    budget transform with ``config.lora.method = "adalora"``).
 
     >>> from lowrank.train.config import default_config
     >>> schedule, tx = optimizer(default_config())
@@ -146,7 +150,21 @@ def optimizer(config: Any) -> tuple[optax.Schedule, optax.GradientTransformation
     o = config.optimizer
     schedule = make_schedule(o.schedule, o.learning_rate, steps=config.steps,
                              warmup_steps=o.warmup_steps, end_learning_rate=o.end_learning_rate)
-    return schedule, optim.adamw(**adamw_arguments(config, schedule))
+    tx = optim.adamw(**adamw_arguments(config, schedule))
+    if config.lora.method == "adalora":
+        a = config.lora.adalora
+        tx = adalora_budget(tx, target_rank=a.target_rank, total_steps=config.steps,
+                            tinit=a.tinit, tfinal=a.tfinal, delta_t=a.delta_t, beta1=a.beta1,
+                            beta2=a.beta2)
+    return schedule, tx
+
+
+def train_loss(config: Any, loss_fn: Any) -> Any:
+    """The loss the train step differentiates: ``loss_fn``, plus AdaLoRA's orthogonality
+    penalty with ``config.lora.method = "adalora"`` (evaluation runs ``loss_fn`` alone)."""
+    if config.lora.method != "adalora":
+        return loss_fn
+    return with_orthogonality_penalty(loss_fn, config.lora.adalora.orth_reg_weight)
 
 
 def adamw_arguments(config: Any, schedule: optax.ScalarOrSchedule) -> dict[str, Any]:
@@ -263,7 +281,7 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
     schedule, tx = optimizer(config)
     loss_fn = make_loss_fn(task.model, task.forward, task.loss,
                            compute_dtype=resolve_dtype(config.compute_dtype), remat=config.remat)
-    runner, metric_names = _runner(config, loss_fn, tx, schedule)
+    runner, metric_names = _runner(config, train_loss(config, loss_fn), tx, schedule)
     # The base (PiSSA's residual, LoftQ's codes) is made once, even when resuming.
     frozen, first_state = init_run(config, task) if changes_base(config, task) else (
         task.params, None)
@@ -299,7 +317,9 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
         final = runner.host_state(placed)
         if workdir is not None and config.export_adapters:
             export_adapters(workdir / ADAPTERS, final.trainable, lora=meta["lora"],
-                            base=meta["base"])
+                            base=meta["base"], ranks=(adalora_ranks(final.opt_state)
+                                                      if config.lora.method == "adalora"
+                                                      else None))
     finally:
         for resource in (progress, writer, checkpointer):
             if resource is not None:
