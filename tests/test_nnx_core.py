@@ -225,20 +225,14 @@ def test_scanned_layers_get_one_adapter_slice_each_and_equal_the_unrolled_model(
     )
     grads = jax.jit(jax.grad(lambda a: lr.apply(scanned, params, a, x).sum()))(adapters)
     assert bool((jnp.abs(grads["layers"]["dense"]["kernel"].a).sum(axis=(1, 2)) > 0).all())
-    # adapter dropout draws a different mask in every layer of the stack
-    spec = lr.LoraSpec(rank=2, dropout=0.5)
-    dropped = jax.tree.map(jnp.zeros_like, lr.init_adapters(
-        jax.random.key(2), params, spec, layouts=layouts))
-    dropped = jax.tree.map(lambda v: v + 1.0, dropped)
-    seen = []
-
-    def masks(a):  # the gradient of A per layer is the (dropped) input summed over tokens
-        return jax.grad(lambda a: lr.apply(scanned, params, a, x, lora_rng=jax.random.key(9))
-                        .sum())(a)["layers"]["dense"]["kernel"].a[:, :, 0]
-
-    g = masks(dropped)
-    seen = [set(np.flatnonzero(np.asarray(g[i]) == 0)) for i in range(3)]
-    assert seen[0] != seen[1] or seen[1] != seen[2]
+    # Adapter dropout draws its own mask in every layer of the stack. With one token and
+    # A = B = 1, layer l's gradient of A is zero exactly at the input features its mask drops.
+    ones = jax.tree.map(jnp.ones_like, lr.init_adapters(
+        jax.random.key(2), params, lr.LoraSpec(rank=2, dropout=0.5), layouts=layouts))
+    grad_a = jax.grad(lambda a: lr.apply(scanned, params, a, x[:1], lora_rng=jax.random.key(9))
+                      .sum())(ones)["layers"]["dense"]["kernel"].a[:, :, 0]
+    dropped = [tuple(np.flatnonzero(np.asarray(grad_a[i]) == 0)) for i in range(3)]
+    assert all(0 < len(d) < 8 for d in dropped) and len(set(dropped)) == 3, dropped
 
 
 class Twice(nnx.Module):
@@ -307,7 +301,7 @@ def _grads(model, frozen, adapters, x, y):
     return jax.jit(jax.value_and_grad(loss))(adapters)
 
 
-@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("stacked", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_qlora_gradients_equal_those_over_the_dequantized_base(stacked):
     x, y = jax.random.normal(jax.random.key(0), (16, 64)), None
     model = Scanned(64, 3, nnx.Rngs(2)) if stacked else MLP(nnx.Rngs(2))

@@ -1,5 +1,8 @@
 """The NNX Llama against the linen one: same trees, same outputs with PEFT adapters (and against
-PEFT's own outputs), over a 4-bit base, through PEFT files, the training loop and a stack."""
+PEFT's own outputs), over a 4-bit base, through PEFT files, the training loop and a stack.
+
+The scanned, 4-bit and training checks are slow: ``pytest -m slow tests/test_nnx_llama.py``.
+"""
 
 import dataclasses
 import json
@@ -32,7 +35,10 @@ def _run(model, frozen, adapters, inputs):
     return np.asarray(jax.jit(lambda f, a: lr.apply(model, f, a, *inputs))(frozen, adapters))
 
 
-@pytest.mark.parametrize("name, scan", [("theirs_llama", False), ("ours_llama", True)])
+@pytest.mark.parametrize("name, scan", [
+    ("theirs_llama", False),  # made in torch: rank/alpha patterns, rsLoRA
+    pytest.param("ours_llama", True, marks=pytest.mark.slow),  # an nnx.scan stack
+])
 def test_nnx_llama_with_peft_adapters_equals_the_linen_one_and_peft(name, scan, tmp_path):
     model, params = models.from_pretrained(HF / "tiny_llama", scan_layers=scan)
     twin = llama_nnx.from_linen(model)
@@ -56,6 +62,7 @@ def test_nnx_llama_with_peft_adapters_equals_the_linen_one_and_peft(name, scan, 
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_nnx_llama_qlora_equals_the_linen_one():
     model, params = models.from_pretrained(HF / "tiny_llama")
     twin = llama_nnx.from_linen(model)
@@ -92,6 +99,7 @@ def _close(a, b, tol=1e-5):
         np.testing.assert_allclose(u, v, atol=tol, rtol=tol)
 
 
+@pytest.mark.slow  # ~30 s alone on 2 cores: three training runs
 def test_the_training_loop_and_a_stack_train_the_nnx_llama_as_the_linen_one():
     linen, nnx_task = _lm_task(scan=True)
     ours, theirs = lt.train(_config(), nnx_task), lt.train(_config(), linen)

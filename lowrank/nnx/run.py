@@ -109,7 +109,7 @@ class _AdapterRng(nnx.LoRAParam):
     ``nnx.scan`` that slices parameters (``StateAxes({nnx.Param: 0})``) slices it per layer."""
 
 
-class NnxLayerCall(LayerCall):
+class _NnxLayerCall(LayerCall):
     """A :class:`~lowrank.layer_call.LayerCall` of an NNX layer: ``where`` is its state path,
     and adapter dropout draws from the wrapper's own key."""
 
@@ -176,7 +176,7 @@ class _Adapted(nnx.Module):
         leaf = self.adapter.get_value() if self.adapter is not None else None
         if leaf is None or name not in rule.methods:
             return run(args)
-        call = NnxLayerCall(self.layer, name, args, dict(kwargs), rule, stored, run,
+        call = _NnxLayerCall(self.layer, name, args, dict(kwargs), rule, stored, run,
                             self.key is not None, where=self.where, next_rng=self._next_rng)
         return leaf.method.apply(call, leaf)
 
@@ -218,7 +218,7 @@ def _replace(root: Any, keys: tuple, new: Any) -> Any:
     return root
 
 
-def adapted_clone(model: nnx.Module, frozen: Mapping, adapters: Mapping, *,
+def _adapted_clone(model: nnx.Module, frozen: Mapping, adapters: Mapping, *,
                   lora_rng: jax.Array | None = None,
                   record: Callable[[str, Any], None] | None = None) -> nnx.Module:
     """A clone of ``model`` on ``frozen`` whose adapted and quantized layers run through
@@ -293,7 +293,7 @@ def apply(model: nnx.Module, frozen: Mapping, adapters: Mapping, *args: Any,
     if lora_rng is True or lora_rng is False:
         raise ValueError("lora_rng=True/False draws from a linen 'dropout' stream; an NNX model "
                          "takes a PRNG key (or None for no adapter dropout)")
-    clone = adapted_clone(model, frozen, adapters, lora_rng=lora_rng)
+    clone = _adapted_clone(model, frozen, adapters, lora_rng=lora_rng)
     return _call(clone, method, args, kwargs)
 
 
@@ -312,7 +312,7 @@ def discover_layouts(model: nnx.Module, params: Mapping, *args: Any,
         found[where] = factorization
 
     def run(p):
-        clone = adapted_clone(model, p, {}, record=record)
+        clone = _adapted_clone(model, p, {}, record=record)
         return _call(clone, method, args, kwargs)
 
     jax.eval_shape(run, paths.params_of(params))
