@@ -148,10 +148,11 @@ def apply(
     True
     """
     if nnx_run.is_nnx(model):  # one entry point for both Flax APIs
-        if rngs is not None or extra_variables is not None:
-            raise ValueError("rngs and extra_variables are linen's; an NNX model keeps its RNG "
-                             "streams and other state in itself")
-        return nnx_run.apply(model, frozen, adapters, *args, lora_rng=lora_rng, **apply_kwargs)
+        if extra_variables is not None:
+            raise ValueError("extra_variables are linen's; an NNX model keeps its other state "
+                             "in itself")
+        return nnx_run.apply(model, frozen, adapters, *args, lora_rng=lora_rng, rngs=rngs,
+                             **apply_kwargs)
     variables = {"params": combine(frozen, adapters), **(extra_variables or {})}
     rngs = dict(rngs or {})
     active = lora_rng is not None and lora_rng is not False

@@ -278,8 +278,9 @@ def test_dropout_only_when_training():
     many = jax.jit(jax.vmap(lambda k: lr.apply(model, params, adapters, x, lora_rng=k)))
     mean = jnp.mean(many(jax.random.split(jax.random.key(0), 400)), axis=0)
     assert float(jnp.abs(mean - evaluation).mean()) < 0.1 * float(jnp.abs(evaluation).mean())
-    with pytest.raises(ValueError, match="NNX model takes a PRNG key"):
-        lr.apply(model, params, adapters, x, lora_rng=True)
+    from_stream = lr.apply(model, params, adapters, x, lora_rng=True,
+                           rngs={"dropout": jax.random.key(7)})
+    assert float(jnp.abs(from_stream - evaluation).max()) > 1e-3
 
 
 class MLP(nnx.Module):
@@ -379,3 +380,34 @@ def test_a_target_on_an_unsupported_layer_is_named_as_in_linen():
     bad = {"bias": lr.LoraPair(jnp.ones((3, 1)), jnp.ones((1, 1)))}
     with pytest.raises(ValueError, match="'bias'"):
         lr.apply(lin, p, bad, jnp.ones((1, 4)))
+
+
+class WithDropout(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(8, 8, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.lin(x))
+
+
+def test_the_model_dropout_stream_is_reseeded_by_the_key_and_the_model_is_not_changed():
+    model, x = WithDropout(nnx.Rngs(0, dropout=1)), jnp.ones((2, 8))
+    params = lr.nnx.params(model)
+    stream = jax.tree.leaves(nnx.state(model, nnx.RngState))
+    run = lambda **kw: lr.apply(model, params, {}, x, **kw)  # noqa: E731
+    np.testing.assert_array_equal(run(lora_rng=jax.random.key(1)),
+                                  run(lora_rng=jax.random.key(1)))
+    assert float(jnp.abs(run(lora_rng=jax.random.key(1)) - run(lora_rng=jax.random.key(2))).max())
+    np.testing.assert_array_equal(run(rngs={"dropout": jax.random.key(1)}),
+                                  run(lora_rng=jax.random.key(1)))
+    model.eval()  # deterministic: the key changes nothing
+    np.testing.assert_allclose(run(lora_rng=jax.random.key(1)), model.lin(x), rtol=1e-6)
+    raw = lambda v: (jax.random.key_data(v)  # noqa: E731
+                     if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
+    for u, v in zip(jax.tree.leaves(nnx.state(model, nnx.RngState)), stream, strict=True):
+        np.testing.assert_array_equal(raw(u), raw(v))  # the model's own stream is untouched
+    with pytest.raises(ValueError, match="both given"):
+        run(lora_rng=jax.random.key(1), rngs={"dropout": jax.random.key(2)})
+    with pytest.raises(ValueError, match="which is missing"):
+        run(lora_rng=True)

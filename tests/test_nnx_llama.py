@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 import lowrank as lr
 from lowrank import models
 from lowrank import train as lt
-from lowrank.interop import peft
+from lowrank.interop import hf_export, peft
 from lowrank.models import llama_nnx
 from lowrank.stack import train_stacked
 from lowrank.train import toy
@@ -59,6 +59,12 @@ def test_nnx_llama_with_peft_adapters_equals_the_linen_one_and_peft(name, scan, 
             "CAUSAL_LM"
     a = load_file(str(tmp_path / "nnx" / peft.WEIGHTS_FILE))
     b = load_file(str(tmp_path / "linen" / peft.WEIGHTS_FILE))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # and the same merged Hugging Face directory
+    a = load_file(str(hf_export.save_merged(tmp_path / "m_nnx", twin, params, adapters_n)
+                       / "model.safetensors"))
+    b = load_file(str(hf_export.save_merged(tmp_path / "m_linen", model, params, adapters)
+                       / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 

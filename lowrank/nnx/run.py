@@ -41,7 +41,7 @@ from flax import nnx
 
 from lowrank import layers, paths, quant
 from lowrank.adapters import _path_key, check_fits
-from lowrank.layer_call import LayerCall
+from lowrank.layer_call import DROPOUT_STREAM, LayerCall
 from lowrank.method import is_adapter
 from lowrank.nnx import rules
 
@@ -102,6 +102,9 @@ def with_params(model: nnx.Module, params: Mapping) -> nnx.Module:
         raise ValueError(f"params tree does not fit the model: {extra[0]!r} is not a parameter. "
                          "Parameters: " + paths.candidates_hint(sorted(seen)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+_ADAPTER_STREAM = 0x4C6F5241  # folded into rngs['dropout'] for the adapters (lora_rng=True)
 
 
 class _AdapterRng(nnx.LoRAParam):
@@ -269,17 +272,23 @@ def _call(module: nnx.Module, method: str | Callable | None, args: tuple, kwargs
 
 
 def apply(model: nnx.Module, frozen: Mapping, adapters: Mapping, *args: Any,
-          lora_rng: jax.Array | None = None, method: str | Callable | None = None,
-          **kwargs: Any) -> Any:
+          lora_rng: jax.Array | bool | None = None, rngs: Mapping[str, Any] | None = None,
+          method: str | Callable | None = None, **kwargs: Any) -> Any:
     """:func:`lowrank.apply` for an NNX model (``lowrank.apply`` dispatches here).
 
     Args:
       model: an unmodified NNX module (its ``nnx.Param`` values are not used; it may be
-        abstract, from ``nnx.eval_shape``).
+        abstract, from ``nnx.eval_shape``). Its other state is read, never updated: put it in
+        training mode (``model.train()``) for its own dropout to run.
       frozen: the base params, as from :func:`params` (plain or quantized arrays).
       adapters: the trainable tree from :func:`lowrank.init_adapters` (``{}`` runs the base).
       *args, **kwargs: the model's inputs.
-      lora_rng: a PRNG key turns adapter dropout on (training); omit it at evaluation.
+      lora_rng: a PRNG key turns adapter dropout on (training); omit it at evaluation. As
+        for linen, it also reseeds the model's own ``"dropout"`` stream (``nnx.reseed``), so
+        each step draws new masks; if ``rngs`` has a ``"dropout"`` key, pass ``lora_rng=True``
+        to derive the adapters' key from it instead.
+      rngs: ``{stream: key}``: the model's RNG streams are reseeded with these
+        (``nnx.reseed``, a stack's keys split to its shape).
       method: a method name or function ``f(module, *args)`` to run instead of ``__call__``.
 
     >>> import lowrank as lr
@@ -290,10 +299,23 @@ def apply(model: nnx.Module, frozen: Mapping, adapters: Mapping, *args: Any,
     ...                   model(jnp.ones((1, 4)))))
     True
     """
-    if lora_rng is True or lora_rng is False:
-        raise ValueError("lora_rng=True/False draws from a linen 'dropout' stream; an NNX model "
-                         "takes a PRNG key (or None for no adapter dropout)")
+    rngs = dict(rngs or {})
+    if lora_rng is True:
+        if DROPOUT_STREAM not in rngs:
+            raise ValueError("lora_rng=True draws adapter dropout from rngs['dropout'], which "
+                             "is missing")
+        lora_rng = jax.random.fold_in(rngs[DROPOUT_STREAM], _ADAPTER_STREAM)
+    elif lora_rng is False:
+        lora_rng = None
+    elif lora_rng is not None:
+        if DROPOUT_STREAM in rngs:
+            raise ValueError(
+                "lora_rng and rngs['dropout'] were both given: the key also reseeds the model's "
+                "'dropout' stream, so pass rngs={'dropout': key} with lora_rng=True")
+        rngs[DROPOUT_STREAM] = lora_rng
     clone = _adapted_clone(model, frozen, adapters, lora_rng=lora_rng)
+    if rngs:
+        nnx.reseed(clone, policy="match_shape", **rngs)
     return _call(clone, method, args, kwargs)
 
 
