@@ -4,7 +4,8 @@ Both models run the same params and adapters trees (``llama_nnx.from_linen``: sa
 what differs is only how ``lowrank.apply`` reaches the layers: linen's interceptor, or NNX's
 clone with its adapted layers swapped. That is trace-time work; the compiled steps should be
 the same program. Reported per model: the first call (trace + compile), XLA's FLOPs and
-temporary bytes of the compiled step, and the step time (timed alternately, one of each per
+temporary bytes of the compiled step, whether its instructions (shape and opcode, names and
+order aside) are the linen step's, and the step time (timed alternately, one of each per
 round, medians), for a float base (LoRA) and an nf4 + double quantization base (QLoRA).
 
     .venv/bin/python benchmarks/nnx_step.py --rounds 10
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import time
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,21 @@ from lora_vs_full import time_once
 import lowrank as lr
 from lowrank import models
 from lowrank.models import llama_nnx
+
+
+def hlo_ops(compiled) -> Counter:
+    """The compiled program's instructions as a multiset of (result shape, opcode): equal for
+    two programs that differ only in instruction names, order (also of a loop's carried
+    values) and source metadata."""
+    ops = Counter()
+    for line in compiled.as_text().splitlines():
+        m = re.search(r" = (.*?) ([\w\-]+)\(", line)
+        if m and not line.startswith(("FileNames", "FunctionNames")):
+            shape, opcode = m.groups()
+            if shape.startswith("("):  # a loop's carried tuple: its elements in any order
+                shape = tuple(sorted(re.sub(r"/\*index=\d+\*/", "", shape)[1:-1].split(", ")))
+            ops[shape, opcode] += 1
+    return ops
 
 
 def make_step(model, frozen, adapters, ids):
@@ -48,7 +66,8 @@ def make_step(model, frozen, adapters, ids):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     stats = {"compile_s": first, "gflop": cost.get("flops", float("nan")) / 1e9,
-             "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20}
+             "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+             "ops": hlo_ops(compiled)}
     return (lambda s: step(*s, frozen)), state, stats
 
 
@@ -95,7 +114,9 @@ def main():
         ratio = float(np.median(np.array(times[name]) / np.array(times[ref])))
         print(f"{name:12s} step median {np.median(times[name]) * 1e3:8.1f} ms  / linen "
               f"{ratio:.3f} (per-round median)  first call {stats['compile_s']:5.1f} s  "
-              f"{stats['gflop']:.3f} GFLOP  temp {stats['temp_mib']:.1f} MiB")
+              f"{stats['gflop']:.3f} GFLOP  temp {stats['temp_mib']:.1f} MiB  "
+              f"{sum(stats['ops'].values())} HLO instructions, same as linen's: "
+              f"{stats['ops'] == runs[ref][2]['ops']}")
 
 
 if __name__ == "__main__":

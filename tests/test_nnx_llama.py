@@ -1,7 +1,8 @@
 """The NNX Llama against the linen one: same trees, same outputs with PEFT adapters (and against
 PEFT's own outputs), over a 4-bit base, through PEFT files, the training loop and a stack.
 
-The scanned, 4-bit and training checks are slow: ``pytest -m slow tests/test_nnx_llama.py``.
+The scanned, 4-bit, compiled-cost and training checks are slow:
+``pytest -m slow tests/test_nnx_llama.py``.
 """
 
 import dataclasses
@@ -116,3 +117,23 @@ def test_the_training_loop_and_a_stack_train_the_nnx_llama_as_the_linen_one():
     assert [r.trainable["model"]["layers"]["self_attn"]["q_proj"]["kernel"].rank
             for r in stacked] == [2, 4]
     _close(stacked[0].trainable, ours.trainable, 1e-4)
+
+
+@pytest.mark.slow
+def test_the_nnx_and_linen_gradients_compile_to_the_same_cost():
+    linen, nnx_task = _lm_task(scan=True)
+    x = linen.train_batch(0, 0)["inputs"]
+    frozen = lr.quantize_tree(linen.params, lr.QuantSpec("nf4", targets="model/.*"),
+                              layouts=linen.layouts)
+    spec = lr.LoraSpec(rank=2, targets=r".*_proj/kernel")
+    adapters = lr.init_adapters(jax.random.key(1), frozen, spec, layouts=linen.layouts)
+
+    def cost(model):
+        grad = jax.jit(jax.grad(lambda a: lr.apply(model, frozen, a, x).sum()))
+        compiled = grad.lower(adapters).compile()
+        flops = compiled.cost_analysis()
+        flops = (flops[0] if isinstance(flops, list) else flops)["flops"]
+        return flops, compiled.memory_analysis().temp_size_in_bytes
+
+    ours, theirs = cost(nnx_task.model), cost(linen.model)
+    assert ours == pytest.approx(theirs, rel=1e-3), (ours, theirs)
