@@ -325,6 +325,21 @@ def test_qlora_gradients_equal_those_over_the_dequantized_base(stacked):
         jax.tree.leaves(grads_q), jax.tree.leaves(grads_exact), strict=True)) > 1e-5
 
 
+def test_a_quantized_base_of_every_layer_type_equals_its_dequantized_base():
+    for name in sorted(CASES):
+        model, x, params, adapters = _setup(name)
+        layouts = lr.discover_layouts(model, params, x)
+        frozen = lr.quantize_tree(params, lr.QuantSpec("nf4", extra="embed/embedding"),
+                                  layouts=layouts)
+        kernels = [p for p, v in lr.paths.flatten(frozen).items() if quant.is_quantized(v)]
+        assert len(kernels) == (5 if name == "mixed" else 1), kernels
+        adapters = _randomize(adapters, jax.random.key(2))
+        np.testing.assert_allclose(
+            lr.apply(model, frozen, adapters, x),
+            lr.apply(model, lr.dequantize_tree(frozen, jnp.float32), adapters, x),
+            rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_qlora_backward_recomputes_the_dequantized_kernels_instead_of_keeping_them():
     # As tests/test_quant_qlora.py for linen: four 512 x 512 nf4 kernels in an nnx.scan stack
     # would take 4 MiB as float32 residuals of the gradient.
@@ -374,6 +389,16 @@ def test_a_target_on_an_unsupported_layer_is_named_as_in_linen():
     frozen = lr.quantize_tree(params, lr.QuantSpec("int8", extra="w"))
     with pytest.raises(lr.UnsupportedLayer, match=r"'w' is a weight of Custom"):
         lr.apply(model, frozen, {}, jnp.ones((1, 4)))
+    # a layer type without a rule (nnx.ConvTranspose), and a rule's unsupported option
+    for layer, message in ((nnx.ConvTranspose(4, 6, (3, 3), rngs=nnx.Rngs(0)),
+                            r"'kernel' is a weight of ConvTranspose.*nnx\.Conv"),
+                           (nnx.Conv(4, 6, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0)),
+                            "feature_group_count != 1 is not supported")):
+        p = lr.nnx.params(layer)
+        layouts = {"kernel": lr.Factorization((), (0, 1, 2), (3,))}
+        a = lr.init_adapters(jax.random.key(0), p, lr.LoraSpec(rank=2), layouts=layouts)
+        with pytest.raises(lr.UnsupportedLayer, match=message):
+            lr.apply(layer, p, a, jnp.ones((1, 5, 5, 4)))
     # the bias of a supported layer is not an adaptable weight either
     lin = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
     p = lr.nnx.params(lin)
