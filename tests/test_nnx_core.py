@@ -351,7 +351,7 @@ def test_qlora_backward_recomputes_the_dequantized_kernels_instead_of_keeping_th
     assert grad_temp_bytes(frozen) < 4 * 512 * 512 * 4 / 2
 
 
-def test_dora_runs_through_the_same_method_object_on_nnx():
+def test_dora_and_vera_run_through_the_same_method_objects_on_nnx():
     model, x = MLP(nnx.Rngs(1)), jax.random.normal(jax.random.key(0), (5, 64))
     params = lr.nnx.params(model)
     spec = lr.LoraSpec(targets=".*kernel", rules=[(r"fc1/.*", lr.DoRA(rank=4, alpha=8)),
@@ -362,6 +362,12 @@ def test_dora_runs_through_the_same_method_object_on_nnx():
     adapters = _randomize(adapters, jax.random.key(3))
     merged = lr.nnx.with_params(model, lr.merge(params, adapters))
     np.testing.assert_allclose(lr.apply(model, params, adapters, x), merged(x), rtol=1e-5,
+                               atol=1e-5)
+    vera = lr.init_adapters(jax.random.key(2), params,
+                            lr.LoraSpec(targets=".*kernel", method="vera", rank=16))
+    vera = _randomize(vera, jax.random.key(3))
+    merged = lr.nnx.with_params(model, lr.merge(params, vera))
+    np.testing.assert_allclose(lr.apply(model, params, vera, x), merged(x), rtol=1e-5,
                                atol=1e-5)
 
 
