@@ -371,6 +371,14 @@ def test_dora_and_vera_run_through_the_same_method_objects_on_nnx():
                                atol=1e-5)
 
 
+def test_a_pissa_init_of_an_nnx_model_starts_at_the_base_model():
+    model, x = MLP(nnx.Rngs(1)), jax.random.normal(jax.random.key(0), (5, 64))
+    params = lr.nnx.params(model)
+    frozen, adapters = lr.init(jax.random.key(2), params, lr.LoraSpec(rank=4, init="pissa"))
+    assert float(jnp.abs(frozen["fc1"]["kernel"] - params["fc1"]["kernel"]).max()) > 1e-3
+    np.testing.assert_allclose(lr.apply(model, frozen, adapters, x), model(x), atol=1e-5)
+
+
 class Custom(nnx.Module):
     def __init__(self):
         self.w = nnx.Param(jnp.ones((4, 3)))
