@@ -4,7 +4,8 @@
 linen one (they dispatch here); :func:`params` gives the frozen tree of an NNX model, and
 :func:`with_params` puts a tree (a merged one, say) back into a new module. Everything else
 (``init_adapters``, ``merge``, ``quantize_tree``, optimizers) works on the trees and does not
-care which API built the model. How and why: :mod:`lowrank.nnx.run`.
+care which API built the model. How and why: the *NNX models* guide, and the docstring
+of ``lowrank/nnx/run.py``.
 
 >>> import jax, jax.numpy as jnp
 >>> from flax import nnx

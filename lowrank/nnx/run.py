@@ -282,7 +282,7 @@ def apply(model: nnx.Module, frozen: Mapping, adapters: Mapping, *args: Any,
         training mode (``model.train()``) for its own dropout to run.
       frozen: the base params, as from :func:`params` (plain or quantized arrays).
       adapters: the trainable tree from :func:`lowrank.init_adapters` (``{}`` runs the base).
-      *args, **kwargs: the model's inputs.
+      *args: the model's inputs.
       lora_rng: a PRNG key turns adapter dropout on (training); omit it at evaluation. As
         for linen, it also reseeds the model's own ``"dropout"`` stream (``nnx.reseed``), so
         each step draws new masks; if ``rngs`` has a ``"dropout"`` key, pass ``lora_rng=True``
@@ -290,6 +290,7 @@ def apply(model: nnx.Module, frozen: Mapping, adapters: Mapping, *args: Any,
       rngs: ``{stream: key}``: the model's RNG streams are reseeded with these
         (``nnx.reseed``, a stack's keys split to its shape).
       method: a method name or function ``f(module, *args)`` to run instead of ``__call__``.
+      **kwargs: the model's keyword inputs.
 
     >>> import lowrank as lr
     >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
