@@ -1,6 +1,8 @@
 """NNX models: the linen core tests again (B = 0, merging, factored gradients, stacks, QLoRA,
 errors), and the same trees giving the same outputs on an NNX model and its linen twin."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,12 +62,13 @@ IMAGES = jax.random.normal(jax.random.key(3), (2, 5, 5, 4))
 CASES = {"mixed": (Mixed, LinenMixed, IDS), "conv": (Conv, LinenConv, IMAGES)}
 
 
-def _setup(name, rank=2, **spec_kwargs):
+@functools.cache  # built once for all the tests (nothing here mutates them)
+def _setup(name):
     make, _, x = CASES[name]
     model = make(nnx.Rngs(0))
     params = lr.nnx.params(model)
     layouts = lr.discover_layouts(model, params, x)
-    spec = lr.LoraSpec(rank=rank, alpha=4.0, targets=r".*(kernel|embedding)", **spec_kwargs)
+    spec = lr.LoraSpec(rank=2, alpha=4.0, targets=r".*(kernel|embedding)")
     adapters = lr.init_adapters(jax.random.key(1), params, spec, layouts=layouts)
     return model, x, params, adapters
 
