@@ -4,7 +4,7 @@
 >>> spec = lr.LoraSpec(rank=8, alpha=16, targets=r".*/(query|value)/kernel")
 """
 
-from lowrank import optim
+from lowrank import nnx, optim
 from lowrank.adalora import AdaLoRA, AdaLoraTriplet
 from lowrank.adapters import init_adapters, merge, unmerge
 from lowrank.dora import DoRA, DoraPair
@@ -54,6 +54,7 @@ __all__ = [
     "is_quantized",
     "memory_report",
     "merge",
+    "nnx",
     "optim",
     "quantize",
     "quantize_tree",

@@ -21,6 +21,7 @@ from lowrank import layers, paths, quant
 from lowrank.adapters import check_fits
 from lowrank.layer_call import DROPOUT_STREAM, LayerCall
 from lowrank.method import is_adapter
+from lowrank.nnx import run as nnx_run
 
 LORA_SUFFIX = "@lora"
 
@@ -70,10 +71,7 @@ class _Interceptor:
         rule = layers.rule_for(module)
         if rule is None or set(leaves) - {rule.weight}:
             name = next(iter(leaves or quantized))
-            raise layers.UnsupportedLayer(
-                f"{_where(module, name)!r} is a weight of {type(module).__name__}, which "
-                f"lowrank cannot adapt or dequantize; supported layers: {layers.SUPPORTED}"
-            )
+            raise layers.unsupported(_where(module, name), module)
         if quantized and context.method_name == "setup":
             # A layer that declares its weight in setup (nn.Embed) would check the packed
             # codes against the weight's shape; its methods run on a dequantized clone instead.
@@ -132,7 +130,7 @@ def apply(
     """Runs ``model`` with its weights taken from ``frozen`` and adapted by ``adapters``.
 
     Args:
-      model: an unmodified linen module.
+      model: an unmodified linen module, or an NNX one (see :mod:`lowrank.nnx`).
       frozen: the base params (plain or quantized arrays; ``{"params": ...}`` also accepted).
       adapters: the trainable tree from :func:`lowrank.init_adapters` (``{}`` runs the base).
       *args: the model's inputs.
@@ -152,6 +150,12 @@ def apply(
     >>> bool(jnp.allclose(y, model.apply({"params": params}, jnp.ones((1, 4)))))
     True
     """
+    if nnx_run.is_nnx(model):  # one entry point for both Flax APIs
+        if extra_variables is not None:
+            raise ValueError("extra_variables are linen's; an NNX model keeps its other state "
+                             "in itself")
+        return nnx_run.apply(model, frozen, adapters, *args, lora_rng=lora_rng, rngs=rngs,
+                             **apply_kwargs)
     variables = {"params": combine(frozen, adapters), **(extra_variables or {})}
     rngs = dict(rngs or {})
     active = lora_rng is not None and lora_rng is not False

@@ -82,6 +82,10 @@ class LayerCall:
             return quant.dequantize(w, dtype or jnp.dtype(w.dtype))
         return w if dtype is None else w.astype(dtype)
 
+    def next_rng(self) -> jax.Array:
+        """A new key from the model's ``"dropout"`` stream (a new one on every call)."""
+        return self.module.make_rng(DROPOUT_STREAM)
+
     def dropout(self, rate: float) -> Callable[[jax.Array], jax.Array]:
         """Inverted dropout at ``rate`` from the model's ``"dropout"`` stream (identity when
         dropout is off or the rate is 0); each call of the result draws a new mask."""
@@ -89,8 +93,7 @@ class LayerCall:
             return lambda x: x
 
         def drop(x):
-            keep = jax.random.bernoulli(self.module.make_rng(DROPOUT_STREAM), 1.0 - rate,
-                                        x.shape)
+            keep = jax.random.bernoulli(self.next_rng(), 1.0 - rate, x.shape)
             return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
         return drop

@@ -280,6 +280,18 @@ RULES: dict[type, LayerRule] = {
 SUPPORTED = ", ".join(f"nn.{t.__name__}" for t in RULES)
 
 
+def unsupported(where: str, module: Any, supported: str = SUPPORTED) -> UnsupportedLayer:
+    """The error for a weight at ``where`` (adapted or quantized) on a layer with no rule.
+
+    >>> str(unsupported("w", object()))[:45]
+    "'w' is a weight of object, which lowrank cann"
+    """
+    return UnsupportedLayer(
+        f"{where!r} is a weight of {type(module).__name__}, which lowrank cannot adapt or "
+        f"dequantize; supported layers: {supported}"
+    )
+
+
 def rule_for(module: Any) -> LayerRule | None:
     """The rule for a module's exact type (subclasses may change the math, so they don't match).
 

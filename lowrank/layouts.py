@@ -10,12 +10,14 @@ import jax
 
 from lowrank import layers, paths
 from lowrank.layers import Factorization
+from lowrank.nnx import run as nnx_run
 
 
 def discover_layouts(
     model: nn.Module, params: Mapping, *args: Any, method: Any = None, **kwargs: Any
 ) -> dict[str, Factorization]:
-    """``{path: Factorization}`` for every weight of a supported layer the model calls.
+    """``{path: Factorization}`` for every weight of a supported layer the model calls
+    (``model`` linen or NNX).
 
     Runs ``model.apply`` under ``jax.eval_shape`` with an interceptor that asks each
     supported layer how its weight contracts with its input. Needed by
@@ -29,6 +31,8 @@ def discover_layouts(
     >>> discover_layouts(model, params, jnp.ones((1, 4)))["kernel"].out
     (1, 2)
     """
+    if nnx_run.is_nnx(model):  # one entry point for both Flax APIs
+        return nnx_run.discover_layouts(model, params, *args, method=method, **kwargs)
     found: dict[str, Factorization] = {}
 
     def record(next_fun, call_args, call_kwargs, context):

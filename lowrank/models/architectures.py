@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 
 from lowrank import paths
+from lowrank.models import llama_nnx
 from lowrank.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -141,11 +142,11 @@ def architecture_of(model: nn.Module) -> Architecture:
     """
     if isinstance(model, BertModel | BertForSequenceClassification):
         return ARCHITECTURES["bert"]
-    if isinstance(model, LlamaForCausalLM):
+    if isinstance(model, LlamaForCausalLM | llama_nnx.LlamaForCausalLM):
         return ARCHITECTURES["llama"]
     raise TypeError(
         f"{type(model).__name__} has no Hugging Face mapping; accepted: BertModel, "
-        "BertForSequenceClassification, LlamaForCausalLM"
+        "BertForSequenceClassification, LlamaForCausalLM (linen or NNX)"
     )
 
 

@@ -45,6 +45,7 @@ from lowrank.models.tensors import (
     quantized_leaf,
     release_freed_memory,
 )
+from lowrank.nnx import run as nnx_run
 from lowrank.quant.tree import QuantSpec, quantize_leaf
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _example_inputs() -> tuple[jax.Array]:
 
 
 def abstract_params(model: nn.Module) -> dict:
-    """Shapes and dtypes of ``model``'s params, without allocating them.
+    """Shapes and dtypes of ``model``'s params (a linen or NNX model), without allocating them.
 
     >>> from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
     >>> cfg = LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8,
@@ -71,6 +72,9 @@ def abstract_params(model: nn.Module) -> dict:
     >>> abstract_params(LlamaForCausalLM(cfg))["lm_head"]["kernel"].shape
     (4, 8)
     """
+    if nnx_run.is_nnx(model):  # an NNX model (possibly abstract already) holds its params
+        return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                            nnx_run.params(model))
     variables = jax.eval_shape(model.init, jax.random.key(0), *_example_inputs())
     return variables["params"]
 
