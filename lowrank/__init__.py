@@ -6,6 +6,7 @@
 
 from lowrank import optim
 from lowrank.adapters import init_adapters, merge, unmerge
+from lowrank.compression import CompressSpec, LowRankKernel, compress
 from lowrank.dora import DoRA, DoraPair
 from lowrank.init_quantized import init
 from lowrank.intercept import apply, combine
@@ -30,6 +31,7 @@ from lowrank.vera import VeRA, VeraAdapter
 __all__ = [
     "FORMATS",
     "Adapter",
+    "CompressSpec",
     "DoRA",
     "DoraPair",
     "Factorization",
@@ -37,11 +39,13 @@ __all__ = [
     "LoraPair",
     "Method",
     "LoraSpec",
+    "LowRankKernel",
     "QuantSpec",
     "QuantizedArray",
     "UnsupportedLayer",
     "apply",
     "combine",
+    "compress",
     "dequantize",
     "dequantize_tree",
     "discover_layouts",
