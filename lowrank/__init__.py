@@ -4,7 +4,7 @@
 >>> spec = lr.LoraSpec(rank=8, alpha=16, targets=r".*/(query|value)/kernel")
 """
 
-from lowrank import optim
+from lowrank import compression, frozen, optim
 from lowrank.adapters import init_adapters, merge, unmerge
 from lowrank.compression import CompressSpec, LowRankKernel, compress
 from lowrank.dora import DoRA, DoraPair
@@ -45,10 +45,12 @@ __all__ = [
     "UnsupportedLayer",
     "apply",
     "combine",
+    "compression",
     "compress",
     "dequantize",
     "dequantize_tree",
     "discover_layouts",
+    "frozen",
     "init",
     "init_adapters",
     "is_adapter",

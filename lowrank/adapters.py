@@ -119,8 +119,9 @@ def init_adapters(
             )
         for p in extra:
             if frozen.is_frozen(flat[p]):
-                raise ValueError(f"trainable leaf {p!r} is a frozen "
-                                 f"{type(flat[p]).__name__}; train a float weight")
+                what = ("quantized" if quant.is_quantized(flat[p])
+                        else f"a frozen {type(flat[p]).__name__}")
+                raise ValueError(f"trainable leaf {p!r} is {what}; train a float weight")
             out[p] = jnp.array(flat[p])
     return paths.unflatten(out)
 

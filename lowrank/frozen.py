@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import numpy as np
 
+__all__ = ["FrozenLeaf", "is_frozen", "materialize", "materialize_tree", "shape_of"]
+
 
 class FrozenLeaf:
     """Base class of the frozen-weight types (see the module docstring).
