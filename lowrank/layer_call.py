@@ -32,7 +32,7 @@ class LayerCall:
       method_name: which of its methods runs (``"__call__"``, ``"attend"``).
       args, kwargs: the call's arguments (``args[0]`` is the input).
       rule: the layer type's :class:`LayerRule`.
-      params: the module's own stored parameters (arrays or quantized arrays).
+      params: the module's own stored parameters (arrays or frozen leaves: quantized, low-rank).
       run: ``run(args) -> output``: the layer itself on ``args`` (its bias included),
         dequantizing a quantized weight on the fly.
       dropout_active: whether adapter dropout is on (training).

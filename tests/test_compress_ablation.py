@@ -35,6 +35,9 @@ def test_the_sweep_covers_every_budget_format_and_recovery_once():
     refs = [r for r in runs if r["compress.budget"] == 0.0]
     assert {(r["quant.fmt"], r["method"]) for r in refs} == {
         (f, m) for f in ("none", "int8", "nf4") for m in ("head", "lora")}
+    lm_module, lm = common.load("configs/compress_ablation.py:lm")  # no head: LoRA only
+    assert lm.task == "configs.tasks:lm_domain"
+    assert {r["method"] for r in lm_module.get_sweep(lm)} == {"lora"}
 
 
 @pytest.mark.parametrize("fmt, aware", [
