@@ -26,11 +26,13 @@ import numpy as np
 
 import lowrank as lr
 from configs.common import QUANT_TARGETS, TARGET_SETS, check_experiment_fields
-from lowrank import data, models, quant
+from lowrank import compression, data, models, quant
+from lowrank import frozen as frozen_leaves
 from lowrank.assets import cache_dir, minilm_dir
 from lowrank.train import Task, default_config, load_task, train
 
 HEADS = {"bert": r"classifier/.*", "llama": None}
+CALIBRATION_BATCHES = 2  # training batches that activation-aware compression measures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +86,7 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if config.method == "none":  # evaluated as stored (quantized or not); nothing trained
         lora.targets = lora.trainable = None
         return config
-    if config.quant.fmt != "none":
+    if config.method == "full" and config.quant.fmt != "none":  # "head" trains no base weight
         raise ValueError(f"config.method {config.method!r} trains the base weights, which "
                          f"cannot be stored quantized (config.quant.fmt {config.quant.fmt!r}): "
                          "use quant.fmt='none'")
@@ -134,16 +136,17 @@ def _for_loftq(task: Task, params: dict, config: Any, family: str) -> Task:
     return dataclasses.replace(task, params=params, quant=spec)
 
 
-def _quantize(params: dict, config: Any, family: str) -> tuple[dict, BaseInfo]:
-    frozen = params
+def _quantize(params: dict, config: Any, family: str,
+              calibration: Any = None) -> tuple[dict, BaseInfo]:
     spec = _quant_spec(config, family)
+    frozen = compress_base(params, config, family, spec, calibration)
     if spec is not None:
-        frozen = quant.quantize_tree(params, spec)
+        frozen = quant.quantize_tree(frozen, spec)  # leaves compressed kernels as they are
     sq_err, n_quant, quant_bytes = 0.0, 0, 0
     flat, flat_q = lr.paths.flatten(params), lr.paths.flatten(frozen)
     for path, leaf in flat_q.items():
-        if quant.is_quantized(leaf):
-            diff = quant.dequantize(leaf, jnp.float32) - flat[path]
+        if frozen_leaves.is_frozen(leaf):  # quantized, or low-rank (with quantized factors)
+            diff = leaf.materialize(jnp.float32) - flat[path]
             sq_err += float(jnp.sum(diff * diff))
             n_quant += leaf.size
             quant_bytes += leaf.nbytes
@@ -156,6 +159,33 @@ def _quantize(params: dict, config: Any, family: str) -> tuple[dict, BaseInfo]:
         quantized_params=n_quant,
     )
     return frozen, info
+
+
+def compress_base(params: dict, config: Any, family: str, spec: Any = None,
+                  calibration: Any = None) -> dict:
+    """``params`` with the transformer layers' kernels compressed to low rank as
+    ``config.compress`` says (a field only the compression configs have; absent or
+    ``budget`` 0: returned as they are), their factors quantized with ``spec`` if given.
+
+    ``calibration()`` gives ``(model, batches)`` for activation-aware truncation
+    (``config.compress.aware``).
+
+    >>> import ml_collections
+    >>> c = ml_collections.ConfigDict({"compress": {"budget": 0.5, "aware": False}})
+    >>> w = {"model": {"layers_0": {"mlp": {"kernel": jnp.ones((8, 8))}}}}
+    >>> type(compress_base(w, c, "llama")["model"]["layers_0"]["mlp"]["kernel"]).__name__
+    'LowRankKernel'
+    """
+    c = config.get("compress")
+    if c is None or not c.budget:
+        return params
+    targets = QUANT_TARGETS[family]
+    stats = None
+    if c.aware:
+        model, batches = calibration()
+        stats = compression.activation_stats(model, params, batches, targets)
+    return lr.compress(params, lr.CompressSpec(targets=targets, budget=float(c.budget)),
+                       stats=stats, quant=spec)
 
 
 def _atomic_write_npz(path: Path, arrays: dict) -> None:
@@ -261,9 +291,15 @@ def _bbc(config: Any) -> tuple[Task, BaseInfo]:
                                            m.intermediate_size))
     if m.get("head_init", "fixed") == "seed":
         params = reseeded_head(model, dict(params), config.seed)
-    frozen, info = _quantize(dict(params), config, "bert")
     splits = bbc_arrays(d.max_length)
     train_arrays = stratified_subset(splits["train"], d.train_examples)
+
+    def calibration():  # a few training batches, for activation-aware compression
+        batches = [data.batch_at(train_arrays, i, config.batch_size, 0)
+                   for i in range(CALIBRATION_BATCHES)]
+        return model, [(b["input_ids"], b["attention_mask"]) for b in batches]
+
+    frozen, info = _quantize(dict(params), config, "bert", calibration)
     eval_arrays = stratified_subset(splits[d.eval_split], d.eval_examples)
     test_split = d.get("test_split", None)
     test_arrays = stratified_subset(splits[test_split], d.eval_examples) if test_split else None
@@ -373,7 +409,14 @@ def _with_batch_size(config: Any, batch_size: int) -> Any:
 
 def _lm(config: Any) -> tuple[Task, BaseInfo]:
     model, params = pretrained_lm(config)
-    frozen, info = _quantize(dict(params), config, "llama")
+
+    def calibration():  # a few English training windows, for activation-aware compression
+        d = config.data
+        windows = _lm_windows("english", "train", d.seq_len, d.python_max_bytes)
+        return model, [data.batch_at(windows, i, config.batch_size, 0)["inputs"]
+                       for i in range(CALIBRATION_BATCHES)]
+
+    frozen, info = _quantize(dict(params), config, "llama", calibration)
     task = _lm_task(model, frozen, config, "english", (0, config.data.eval_windows),
                     eval_domain=config.data.get("eval_domain", None))
     return _for_loftq(task, dict(params), config, "llama"), info

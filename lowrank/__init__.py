@@ -4,9 +4,10 @@
 >>> spec = lr.LoraSpec(rank=8, alpha=16, targets=r".*/(query|value)/kernel")
 """
 
-from lowrank import nnx, optim
+from lowrank import compression, frozen, nnx, optim
 from lowrank.adalora import AdaLoRA, AdaLoraTriplet
 from lowrank.adapters import init_adapters, merge, unmerge
+from lowrank.compression import CompressSpec, LowRankKernel, compress
 from lowrank.dora import DoRA, DoraPair
 from lowrank.init_quantized import init
 from lowrank.intercept import apply, combine
@@ -33,6 +34,7 @@ __all__ = [
     "AdaLoRA",
     "AdaLoraTriplet",
     "Adapter",
+    "CompressSpec",
     "DoRA",
     "DoraPair",
     "Factorization",
@@ -40,14 +42,18 @@ __all__ = [
     "LoraPair",
     "Method",
     "LoraSpec",
+    "LowRankKernel",
     "QuantSpec",
     "QuantizedArray",
     "UnsupportedLayer",
     "apply",
     "combine",
+    "compression",
+    "compress",
     "dequantize",
     "dequantize_tree",
     "discover_layouts",
+    "frozen",
     "init",
     "init_adapters",
     "is_adapter",

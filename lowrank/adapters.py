@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank import paths, quant
+from lowrank import frozen, paths, quant
 from lowrank.layers import MATRIX, Factorization
 from lowrank.method import Target, is_adapter, is_shared
 from lowrank.spec import LoraSpec
@@ -118,22 +118,25 @@ def init_adapters(
                 "targets. Parameter paths: " + paths.candidates_hint(list(flat))
             )
         for p in extra:
-            if quant.is_quantized(flat[p]):
-                raise ValueError(f"trainable leaf {p!r} is quantized; train a float weight")
+            if frozen.is_frozen(flat[p]):
+                what = ("quantized" if quant.is_quantized(flat[p])
+                        else f"a frozen {type(flat[p]).__name__}")
+                raise ValueError(f"trainable leaf {p!r} is {what}; train a float weight")
             out[p] = jnp.array(flat[p])
     return paths.unflatten(out)
 
 
 def materialize(leaf: Any, dtype: Any | None = None) -> jax.Array:
-    """A frozen leaf as a plain array (quantized ones dequantized, to their original dtype)."""
-    if quant.is_quantized(leaf):
-        return quant.dequantize(leaf, dtype or jnp.dtype(leaf.dtype))
+    """A frozen leaf as a plain array (quantized ones dequantized, low-rank ones multiplied
+    out, to their original dtype)."""
+    if frozen.is_frozen(leaf):
+        return leaf.materialize(dtype or jnp.dtype(leaf.dtype))
     return leaf
 
 
 def shape_of(leaf: Any) -> tuple[int, ...]:
-    """The logical shape of an array or a QuantizedArray (leading stack axes included)."""
-    return quant.logical_shape(leaf) if quant.is_quantized(leaf) else tuple(np.shape(leaf))
+    """The logical shape of an array or a frozen leaf (leading stack axes included)."""
+    return frozen.shape_of(leaf)
 
 
 def check_fits(frozen_flat: Mapping[str, Any], adapters_flat: Mapping[str, Any]) -> None:

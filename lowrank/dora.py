@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrank import quant
+from lowrank import frozen
 from lowrank.layer_call import LayerCall
 from lowrank.layers import RANK_LABEL
 from lowrank.lora import LoRA, LoraPair
@@ -106,8 +106,8 @@ class DoRA(LoRA):
     def init(self, key: jax.Array, target: Target) -> DoraPair:
         pair = self.init_pair(key, target)
         weight = target.weight
-        if quant.is_quantized(weight):
-            weight = quant.dequantize(weight, jnp.float32)
+        if frozen.is_frozen(weight):
+            weight = weight.materialize(jnp.float32)
         contract = _contract_axes(pair, len(target.shape))
         magnitude = column_norm(weight.astype(jnp.float32) + pair.delta(jnp.float32), contract)
         return DoraPair(**pair.arrays(), **pair.statics(),

@@ -9,7 +9,6 @@ the quantized `Q` alone. Both return a new frozen tree as well as the adapters.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 
 from lowrank import paths
 from lowrank.adapters import init_adapters
+from lowrank.compression.svd import split_singular, to_matrices
 from lowrank.lora import LoraPair
 from lowrank.method import is_adapter
 from lowrank.quant import dequantize, quantize_tree
@@ -29,25 +29,13 @@ from lowrank.spec import LoraSpec
 def _matrix(kernel: jax.Array, pair: LoraPair) -> jax.Array:
     """The kernel as matrices `[*lead, *batch, fan_in, fan_out]` (contracted axes as rows)."""
     f = pair.factorization
-    n_lead = pair.a.ndim - len(f.batch) - len(f.contract) - 1
-    axes = tuple(range(n_lead)) + tuple(n_lead + i for i in f.batch + f.contract + f.out)
-    moved = jnp.transpose(kernel, axes)
-    n_slices = n_lead + len(f.batch)
-    fan_in = math.prod(moved.shape[n_slices : n_slices + len(f.contract)])
-    return moved.reshape(*moved.shape[:n_slices], fan_in, -1)
+    return to_matrices(kernel, f, pair.a.ndim - len(f.batch) - len(f.contract) - 1)
 
 
 def _top_singular_pair(matrix: jax.Array, pair: LoraPair) -> LoraPair:
-    """A, B with `scale * A @ B` = the best rank-r approximation of `matrix` (per slice).
-
-    The singular values are split evenly between A and B (`A = U sqrt(S / scale)`,
-    `B = sqrt(S / scale) V^T`).
-    """
-    u, s, vt = jnp.linalg.svd(matrix.astype(jnp.float32), full_matrices=False)
-    rank = pair.rank
-    root = jnp.sqrt(s[..., :rank] / pair.scale)
-    a = u[..., :, :rank] * root[..., None, :]
-    b = root[..., :, None] * vt[..., :rank, :]
+    """A, B with `scale * A @ B` = the best rank-r approximation of `matrix` (per slice)."""
+    a, b = split_singular(*jnp.linalg.svd(matrix.astype(jnp.float32), full_matrices=False),
+                          pair.rank, pair.scale)
     return pair.replace(a=a.reshape(pair.a.shape).astype(pair.a.dtype),
                         b=b.reshape(pair.b.shape).astype(pair.b.dtype))
 

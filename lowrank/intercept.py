@@ -5,8 +5,9 @@ adapt (``kernel`` -> ``kernel@lora``). That way every lifted transform of the us
 (``nn.scan``, ``nn.remat``, ``nn.vmap``) slices and routes them exactly like the weight itself,
 and ``flax.linen.intercept_methods`` (the public hook) hands each adapted layer's call to its
 leaf's method (``leaf.method.apply``), which knows what to compute; this module knows no
-method. Quantized weights are dequantized right where the layer runs, inside whatever jit the
-caller traces, so no dequantized copy outlives the step.
+method. Frozen leaves (:mod:`lowrank.frozen`) run where the layer runs, inside whatever jit the
+caller traces: a quantized weight is dequantized there (no dequantized copy outlives the step),
+a low-rank kernel computes ``(x U) V`` itself.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from lowrank import layers, paths, quant
+from lowrank import frozen, layers, paths
 from lowrank.adapters import check_fits
 from lowrank.layer_call import DROPOUT_STREAM, LayerCall
 from lowrank.method import is_adapter
@@ -65,16 +66,16 @@ class _Interceptor:
         module = context.module
         own = _own_params(module)
         leaves = {k[: -len(LORA_SUFFIX)]: v for k, v in own.items() if k.endswith(LORA_SUFFIX)}
-        quantized = [k for k, v in own.items() if quant.is_quantized(v)]
-        if not leaves and not quantized:
+        stored_frozen = [k for k, v in own.items() if frozen.is_frozen(v)]
+        if not leaves and not stored_frozen:
             return next_fun(*args, **kwargs)
         rule = layers.rule_for(module)
         if rule is None or set(leaves) - {rule.weight}:
-            name = next(iter(leaves or quantized))
+            name = next(iter(leaves or stored_frozen))
             raise layers.unsupported(_where(module, name), module)
-        if quantized and context.method_name == "setup":
+        if stored_frozen and context.method_name == "setup":
             # A layer that declares its weight in setup (nn.Embed) would check the packed
-            # codes against the weight's shape; its methods run on a dequantized clone instead.
+            # codes against the weight's shape; its methods run on a clone instead.
             return None
         if context.method_name not in rule.methods:
             return next_fun(*args, **kwargs)
@@ -84,8 +85,8 @@ class _Interceptor:
         def run(call_args):
             # The layer's own call once; a second call (on other inputs) runs on a clone, as a
             # compact module cannot declare its params twice.
-            if quantized or call_args is not args:
-                return _run_clone(module, stored, name, call_args, kwargs)
+            if stored_frozen or call_args is not args:
+                return _run_clone(module, rule, stored, name, call_args, kwargs)
             return next_fun(*call_args, **kwargs)
 
         leaf = leaves.get(rule.weight)
@@ -96,16 +97,22 @@ class _Interceptor:
         return leaf.method.apply(call, leaf)
 
 
-def _run_clone(module, stored, method_name, args, kwargs):
-    # The layer's own code runs on an unbound clone whose params are the (dequantized)
-    # weights; the clone's call passes through the interceptor untouched (plain params).
+def _run_clone(module, rule, stored, method_name, args, kwargs):
+    # A frozen weight with its own matmul (a low-rank kernel) computes the layer itself;
+    # otherwise the layer's own code runs on an unbound clone whose params are the
+    # materialised (dequantized) weights, a call that passes through the interceptor untouched.
     clone = module.clone(parent=None)
 
     def run(stored):
-        plain = {k: quant.dequantize(v) if quant.is_quantized(v) else v for k, v in stored.items()}
+        weight = stored.get(rule.weight)
+        if frozen.is_frozen(weight):
+            out = weight.layer_call(module, rule, method_name, args, kwargs, stored)
+            if out is not None:
+                return out
+        plain = {k: frozen.materialize(v) for k, v in stored.items()}
         return clone.apply({"params": plain}, *args, method=method_name, **kwargs)
 
-    if not any(quant.is_quantized(v) for v in stored.values()):
+    if not any(frozen.is_frozen(v) for v in stored.values()):
         return run(stored)
 
     # Saving nothing keeps only the packed codes for the backward pass, which dequantizes

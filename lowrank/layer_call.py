@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrank import quant
+from lowrank import frozen
 from lowrank.layers import Factorization, LayerRule, UnsupportedLayer
 
 # Adapter dropout draws from the model's own "dropout" stream: user models split that stream
@@ -32,7 +32,7 @@ class LayerCall:
       method_name: which of its methods runs (``"__call__"``, ``"attend"``).
       args, kwargs: the call's arguments (``args[0]`` is the input).
       rule: the layer type's :class:`LayerRule`.
-      params: the module's own stored parameters (arrays or quantized arrays).
+      params: the module's own stored parameters (arrays or frozen leaves: quantized, low-rank).
       run: ``run(args) -> output``: the layer itself on ``args`` (its bias included),
         dequantizing a quantized weight on the fly.
       dropout_active: whether adapter dropout is on (training).
@@ -65,10 +65,7 @@ class LayerCall:
 
     @property
     def factorization(self) -> Factorization:
-        weight = self.params[self.rule.weight]
-        ndim = len(getattr(weight, "shape", ()))
-        if quant.is_quantized(weight):
-            ndim = len(quant.logical_shape(weight))
+        ndim = len(frozen.shape_of(self.params[self.rule.weight]))
         return self.rule.factorization(self.module, ndim, self.args, self.kwargs)
 
     def base(self, x: jax.Array | None = None) -> jax.Array:
@@ -76,10 +73,11 @@ class LayerCall:
         return self.run(self.args if x is None else (x, *self.args[1:]))
 
     def weight(self, dtype: Any = None) -> jax.Array:
-        """The layer's weight, materialised (dequantized) in ``dtype``."""
+        """The layer's weight, materialised (dequantized, or a low-rank ``U V``) in
+        ``dtype``."""
         w = self.params[self.rule.weight]
-        if quant.is_quantized(w):
-            return quant.dequantize(w, dtype or jnp.dtype(w.dtype))
+        if frozen.is_frozen(w):
+            return w.materialize(dtype or jnp.dtype(w.dtype))
         return w if dtype is None else w.astype(dtype)
 
     def next_rng(self) -> jax.Array:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank.frozen import FrozenLeaf
 from lowrank.quant import blockwise
 from lowrank.quant.formats import get_format
 
@@ -24,8 +25,11 @@ def default_compute_dtype() -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizedArray:
+class QuantizedArray(FrozenLeaf):
     """A block-wise quantized array: packed codes, block scales and static metadata.
+
+    A frozen leaf (:mod:`lowrank.frozen`): it has no matmul of its own, so a layer runs on
+    its dequantized weight (``materialize``).
 
     Every array leaf carries the same leading "stack" axes `lead` (none for a single
     weight; `[L]` for the kernel of L scanned layers), so that slicing all leaves along
@@ -78,6 +82,15 @@ class QuantizedArray:
     def nbytes(self) -> int:
         """Bytes of all array leaves."""
         return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(self))
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        """The full logical shape: leading stack axes, then one slice's shape."""
+        return self.lead_shape + self.shape
+
+    def materialize(self, dtype: Any = None) -> jax.Array:
+        """``dequantize(self, dtype)``."""
+        return dequantize(self, dtype)
 
 
 jax.tree_util.register_dataclass(QuantizedArray)

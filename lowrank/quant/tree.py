@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank import paths
+from lowrank.frozen import is_frozen
 from lowrank.layers import Factorization
 from lowrank.quant.array import (
     QuantizedArray,
@@ -170,7 +171,8 @@ def quantize_tree(params: Mapping, spec: QuantSpec | None = None, *,
     inner = paths.params_of(params)
     out: dict[str, Any] = {}
     for path, leaf in paths.flatten(inner).items():
-        layout = None if is_quantized(leaf) else layout_for(path, leaf, spec, layouts, layout_fn)
+        # A frozen leaf (already quantized, or low-rank factors) is kept as it is.
+        layout = None if is_frozen(leaf) else layout_for(path, leaf, spec, layouts, layout_fn)
         out[path] = leaf if layout is None else quantize_leaf(path, leaf, spec, layout)
     tree = paths.unflatten(out)
     return {"params": tree} if inner is not params else tree
