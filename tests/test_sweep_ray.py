@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+# Read when Ray is imported: no usage report, and 127.0.0.1 kept as given (Ray would rewrite
+# it to the machine's outward address, where a loopback cluster does not listen).
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
@@ -43,8 +47,6 @@ METRICS = ("metric.accuracy", "metric.loss", "metric.train_loss", "trainable_par
 @pytest.fixture(scope="module")
 def cluster():
     """A head and a second node on 127.0.0.1, one CPU each, no dashboard."""
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep 127.0.0.1 as given
     node = dict(num_cpus=1, node_ip_address="127.0.0.1")
     c = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, **node))
     c.add_node(**node)
