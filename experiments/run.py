@@ -162,6 +162,8 @@ def _move_aside(directory: Path) -> Path | None:
 
 
 def _write_failure(db, config, experiment: str, start: float, error: str) -> None:
+    if jax.process_index() != 0:  # a run over several processes: its process 0 writes
+        return
     db.write(config, {}, status="failed", experiment=experiment, traceback=error,
              git_commit=git_commit(), wall_seconds=time.perf_counter() - start)
 
@@ -237,7 +239,8 @@ def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = N
             if finished:
                 _move_aside(Path(resolved.workdir))
         fields, metrics = measure(config, resolved, start)
-        db.write(config, metrics, experiment=experiment, replace=replace, **fields)
+        if jax.process_index() == 0:  # one row for a run over several processes
+            db.write(config, metrics, experiment=experiment, replace=replace, **fields)
         return {"config_hash": results.config_hash(config), **fields, **metrics}
     except results.DuplicateRunError:
         raise
