@@ -111,5 +111,7 @@ def test_mismatched_process_counts_fail_fast(tmp_path):
     codes, outputs = _two_processes(tmp_path / "x.npz", "-", counts=(2, 3), timeout=200,
                                     TIMEOUT_S="20")
     assert codes[0] != 0 and codes[1] != 0, outputs
-    assert time.time() - start < 150
-    assert "num_processes" in outputs[1], outputs[1][-3000:]
+    assert time.time() - start < 100  # not the 20 s timeout, nor a hang in the first step
+    for output in outputs:
+        assert ("config.distributed.num_processes differs between the processes: process i "
+                "was given [2, 3]") in output, output[-3000:]

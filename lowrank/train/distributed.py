@@ -119,9 +119,21 @@ def initialize(distributed: Mapping[str, Any]) -> None:
             "lowrank.train.distributed.initialize(config.distributed), first") from e
     except Exception as e:  # JAX raises XlaRuntimeError (DEADLINE_EXCEEDED and such)
         raise ValueError(_failed(address, count, index, e)) from e
-    if count is not None and jax.process_count() != count:
-        raise ValueError(f"config.distributed.num_processes is {count}, but JAX counts "
-                         f"{jax.process_count()} processes: start them with the same count")
+    if count is not None:
+        _check_count(count)
+
+
+def _check_count(count: int) -> None:
+    """Raises on every process when the processes were not all given ``count`` (one small
+    collective, so that none of them goes on to hang in the first step)."""
+    from jax.experimental import multihost_utils
+
+    given = np.asarray(multihost_utils.process_allgather(np.int32(count))).ravel().tolist()
+    if jax.process_count() != count or len(set(given)) > 1:
+        raise ValueError(
+            f"config.distributed.num_processes differs between the processes: process i was "
+            f"given {given[:16]} (index i), and JAX counts {jax.process_count()} processes: "
+            "start every process with the same num_processes, the number actually started")
 
 
 def _failed(address, count, index, error) -> str:
