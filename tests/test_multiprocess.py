@@ -1,7 +1,8 @@
 """One training run over 2 processes x 2 CPU devices on the loopback (jax.distributed, gloo
 collectives), a (data, fsdp) = (2, 2) mesh over all four devices: it trains what 1 process x
 4 devices trains, within 1e-5; killed after a checkpoint, a rerun resumes and ends bit-identical
-to the uninterrupted run; processes given different counts fail with an error saying so."""
+to the uninterrupted run (slow tier: ``pytest -m slow tests/test_multiprocess.py``); processes
+given different counts fail with an error saying so."""
 
 import os
 import signal
@@ -81,6 +82,7 @@ def test_two_processes_train_as_one_with_four_devices(uninterrupted):
     assert sorted(p.name for p in (tmp / "two" / "checkpoints").iterdir()) == ["2", "4"]
 
 
+@pytest.mark.slow  # ~60 s on 2 loaded cores: pytest -m slow tests/test_multiprocess.py
 def test_killed_after_a_checkpoint_resumes_bit_identically(uninterrupted, tmp_path):
     two, _, _ = uninterrupted
     procs = _start_two(tmp_path / "x.npz", tmp_path / "run", PARK_AT_STEP="3")

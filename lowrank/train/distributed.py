@@ -89,7 +89,7 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
             time.sleep(0.2)
 
 
-def initialize(distributed: Mapping[str, Any]) -> None:
+def initialize(distributed: Mapping[str, Any] | None) -> None:
     """Connects this process to the run's others, once, as ``config.distributed`` says
     (nothing when ``enabled`` is False or JAX is already connected).
 
@@ -97,8 +97,12 @@ def initialize(distributed: Mapping[str, Any]) -> None:
       ValueError: settings that cannot work (named), a coordinator that cannot be reached
         within ``timeout_s``, or a process count that differs from what the processes
         actually are (each process must be given the same ``num_processes``).
+
+    >>> initialize({"enabled": False})  # a run in one process: nothing to connect
+    >>> jax.process_count()
+    1
     """
-    if not distributed["enabled"] or jax.distributed.is_initialized():
+    if not distributed or not distributed["enabled"] or jax.distributed.is_initialized():
         return
     address = distributed["coordinator_address"]
     count, index = distributed["num_processes"], distributed["process_id"]

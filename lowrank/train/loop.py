@@ -96,7 +96,7 @@ def check_config(config: Any) -> None:
     _positive_int(config, "eval.every", minimum=0)
     if config.parallel.mode not in MODES:
         raise ValueError(f"config.parallel.mode {config.parallel.mode!r} is not one of {MODES}")
-    if config.distributed.enabled and config.parallel.mode != "mesh":
+    if (config.get("distributed") or {}).get("enabled") and config.parallel.mode != "mesh":
         raise ValueError(f"config.distributed.enabled needs config.parallel.mode='mesh' (the "
                          f"mesh spans every process's devices), got {config.parallel.mode!r}")
     if config.batch_size % config.micro_batches:
@@ -256,7 +256,7 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
     >>> int(result.state.step), sorted(result.eval_metrics)
     (3, ['accuracy', 'loss', 'weight'])
     """
-    distributed.initialize(config.distributed)  # before anything touches a device
+    distributed.initialize(config.get("distributed"))  # before anything touches a device
     check_config(config)
     task = task if task is not None else load_task(config)
     schedule, tx = optimizer(config)
