@@ -37,7 +37,7 @@ from ml_collections import config_flags  # noqa: E402
 from configs import common, tasks  # noqa: E402
 from lowrank import results, stack  # noqa: E402
 from lowrank.assets import cache_dir  # noqa: E402
-from lowrank.train import read_jsonl, train  # noqa: E402
+from lowrank.train import distributed, read_jsonl, train  # noqa: E402
 
 DEFAULT_DB = ROOT / "workdir" / "results.sqlite"
 
@@ -177,6 +177,7 @@ def measure(config, resolved, start: float) -> tuple[dict, dict]:
     >>> fields, metrics = measure(get_config("tiny"), tasks.training_config(get_config("tiny")),
     ...                           time.perf_counter())  # doctest: +SKIP
     """
+    distributed.initialize(resolved.get("distributed"))  # before the task touches a device
     task, info = tasks.build(resolved)
     return _row(config, train(resolved, task), info, start)
 
