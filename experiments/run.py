@@ -42,6 +42,7 @@ from configs import common, tasks  # noqa: E402
 from lowrank import results, stack  # noqa: E402
 from lowrank.assets import cache_dir  # noqa: E402
 from lowrank.train import (  # noqa: E402
+    distributed,
     evaluate,
     make_eval_step,
     make_loss_fn,
@@ -200,8 +201,58 @@ def _move_aside(directory: Path) -> Path | None:
 
 
 def _write_failure(db, config, experiment: str, start: float, error: str) -> None:
+    if jax.process_index() != 0:  # a run over several processes: its process 0 writes
+        return
     db.write(config, {}, status="failed", experiment=experiment, traceback=error,
              git_commit=git_commit(), wall_seconds=time.perf_counter() - start)
+
+
+def measure(config, resolved, start: float) -> tuple[dict, dict]:
+    """Trains ``resolved`` (``tasks.training_config(config)``, its workdir set) and returns the
+    row's fields and metrics, writing no database: what ``run`` writes, and what a sweep's Ray
+    worker sends back to the driver (the database's one writer).
+
+    >>> from configs.finetune_bbc import get_config
+    >>> fields, metrics = measure(get_config("tiny"), tasks.training_config(get_config("tiny")),
+    ...                           time.perf_counter())  # doctest: +SKIP
+    """
+    distributed.initialize(resolved.get("distributed"))  # before the task touches a device
+    task, info = tasks.build(resolved)
+    result = evaluate_base(resolved, task) if config.method == "none" else train(resolved, task)
+    return _row(config, result, info, start)
+
+
+def measure_stacked(configs: list, start: float, workdir: str | None = None
+                    ) -> list[tuple[dict, dict] | str]:
+    """Trains compatible ``configs`` as one stack, checkpointing in ``workdir`` (and resuming
+    from it) when given, and returns per run its row's fields and metrics, or the error that
+    voided it (a string): what ``run_stacked`` writes, writing no database.
+
+    >>> from configs.finetune_bbc import get_config
+    >>> rows = measure_stacked([get_config("tiny")] * 2, time.perf_counter())  # doctest: +SKIP
+    """
+    resolved = [tasks.training_config(c) for c in configs]
+    task, info = tasks.build(resolved[0])
+    outs = stack.train_stacked(resolved, task, member_keys=(*stack.MEMBER_KEYS, "adapt"),
+                               workdir=workdir)
+    return [f"{type(out).__name__}: {out}" if isinstance(out, Exception)
+            else _row(config, out, info, start, stack_size=len(configs))
+            for config, out in zip(configs, outs, strict=True)]
+
+
+def stack_workdir(workdir: str | None, experiment: str, configs: list) -> str | None:
+    """Where a stack of ``configs`` keeps its checkpoints: ``<workdir>/<experiment>/stack-<h>``,
+    ``h`` a hash of its members' config hashes (so the same stack finds them again).
+
+    >>> stack_workdir("w", "e", [{"seed": 0}]).startswith("w/e/stack-")
+    True
+    >>> stack_workdir(None, "e", [{"seed": 0}]) is None
+    True
+    """
+    if not workdir:
+        return None
+    members = results.config_hash({"members": [results.config_hash(c) for c in configs]})
+    return str(Path(workdir) / experiment / f"stack-{members}")
 
 
 def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = None,
@@ -228,11 +279,9 @@ def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = N
             resolved.workdir = str(Path(workdir) / experiment / results.config_hash(config))
             if finished:
                 _move_aside(Path(resolved.workdir))
-        task, info = tasks.build(resolved)
-        result = evaluate_base(resolved, task) if config.method == "none" else train(
-            resolved, task)
-        fields, metrics = _row(config, result, info, start)
-        db.write(config, metrics, experiment=experiment, replace=replace, **fields)
+        fields, metrics = measure(config, resolved, start)
+        if jax.process_index() == 0:  # one row for a run over several processes
+            db.write(config, metrics, experiment=experiment, replace=replace, **fields)
         return {"config_hash": results.config_hash(config), **fields, **metrics}
     except results.DuplicateRunError:
         raise
@@ -244,7 +293,7 @@ def run(config, *, db_path: str | Path, experiment: str, workdir: str | None = N
 
 
 def run_stacked(configs: list, *, db_path: str | Path, experiment: str,
-                replace: bool = False) -> list[dict]:
+                workdir: str | None = None, replace: bool = False) -> list[dict]:
     """Trains compatible ``configs`` as one stack (``lowrank.stack``: one compiled program over
     one frozen base) and writes one row per run; a member that fails gets a "failed" row.
     Members that already have a finished row are left out (saying so) unless ``replace``.
@@ -269,14 +318,12 @@ def run_stacked(configs: list, *, db_path: str | Path, experiment: str,
             return rows
         configs = pending
     try:
-        resolved = [tasks.training_config(c) for c in configs]
-        task, info = tasks.build(resolved[0])
-        outs = stack.train_stacked(resolved, task, member_keys=(*stack.MEMBER_KEYS, "adapt"))
+        outs = measure_stacked(configs, start, stack_workdir(workdir, experiment, configs))
         for config, out in zip(configs, outs, strict=True):
-            if isinstance(out, Exception):
-                _write_failure(db, config, experiment, start, f"{type(out).__name__}: {out}")
+            if isinstance(out, str):
+                _write_failure(db, config, experiment, start, out)
                 continue
-            fields, metrics = _row(config, out, info, start, stack_size=len(configs))
+            fields, metrics = out
             db.write(config, metrics, experiment=experiment, replace=replace, **fields)
             rows.append({"config_hash": results.config_hash(config), **fields, **metrics})
         return rows
@@ -306,8 +353,6 @@ def main(argv: list[str]) -> None:
         enable_compilation_cache()
     spec = FLAGS["config"].config_filename
     experiment = FLAGS.experiment or common.experiment_name(spec)
-    if FLAGS.stack and FLAGS.workdir:
-        raise app.UsageError("--stack runs keep no workdir (no checkpoints): drop --workdir")
     if FLAGS.stack:
         try:
             configs = [results.apply_overrides(FLAGS.config, o) for o in json.loads(FLAGS.stack)]
@@ -316,7 +361,7 @@ def main(argv: list[str]) -> None:
     try:
         if FLAGS.stack:
             rows = run_stacked(configs, db_path=FLAGS.db, experiment=experiment,
-                               replace=FLAGS.replace)
+                               workdir=FLAGS.workdir, replace=FLAGS.replace)
         else:
             rows = [run(FLAGS.config, db_path=FLAGS.db, experiment=experiment,
                         workdir=FLAGS.workdir, replace=FLAGS.replace)]

@@ -9,6 +9,14 @@ Runs whose config hash already has a finished row in the database (for this expe
 skipped, so an interrupted sweep is resumed by running the same command again. A failing run
 is recorded with its traceback and the sweep goes on. ``--config.<key>=<value>`` overrides
 apply to every run of the sweep.
+
+``--backend=ray`` sends each pending run (or stack) to a Ray cluster instead
+(``experiments/sweep_ray.py``; ``--address=auto|HOST:PORT``, else a private cluster on this
+machine), the driver still the database's only writer:
+
+    ray start --head --node-ip-address=127.0.0.1 --port=6379
+    python experiments/sweep.py --config=configs/rank_ablation.py --backend=ray \
+        --address=127.0.0.1:6379 --cpus_per_run=1 --workdir=/shared/runs
 """
 
 from __future__ import annotations
@@ -47,6 +55,17 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch", 1, "train up to this many compatible runs (same model, data "
                          "and schedule) together as one stack (lowrank.stack); each still "
                          "writes its own row")
+    flags.DEFINE_enum("backend", "local", ["local", "ray"],
+                      "local: one run.py process after another; ray: Ray tasks")
+    flags.DEFINE_string("address", None, "(ray) the cluster: HOST:PORT of its head, or 'auto' "
+                        "(RAY_ADDRESS, or the cluster `ray start` made here); default: a private "
+                        "one on this machine, bound to 127.0.0.1")
+    flags.DEFINE_float("cpus_per_run", 1.0, "(ray) CPUs each task declares")
+    flags.DEFINE_float("gpus_per_run", 0.0, "(ray) GPUs each task declares")
+    flags.DEFINE_integer("max_retries", 3, "(ray) reruns of a task whose worker or node died")
+    flags.DEFINE_integer("max_in_flight", None, "(ray) tasks submitted at once (default: as "
+                         "many as the cluster's CPUs hold)")
+    flags.DEFINE_integer("ray_num_cpus", None, "(ray, no --address) CPUs of the private cluster")
 
 
 def cli_value(value) -> str:
@@ -99,7 +118,7 @@ def groups_of(config, pending: list[tuple[dict, str]], batch: int) -> list[list[
 
 def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experiment: str,
           workdir: str | None = None, dry_run: bool = False, batch: int = 1,
-          runs: list[dict] | None = None) -> dict[str, int]:
+          ray_options: dict | None = None, runs: list[dict] | None = None) -> dict[str, int]:
     """Runs what is missing of the sweep of ``spec``; returns counts of done, skipped and
     failed runs.
 
@@ -112,12 +131,15 @@ def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experime
       workdir: passed on to run.py.
       dry_run: only list the runs.
       batch: train up to this many compatible runs together (``lowrank.stack``).
+      ray_options: run on Ray (``experiments/sweep_ray.py``) with these keyword arguments
+        of ``sweep_ray.run_groups`` (cpus_per_run, gpus_per_run, max_retries,
+        max_in_flight) plus ``address`` and ``num_cpus`` for ``sweep_ray.connect``.
       runs: the override dicts to run (each with its ``seed``) instead of the config's
         ``get_sweep`` times ``seeds`` (``experiments/tune.py``'s second phase).
     """
     module, config = common.load(spec)
     if base_args:  # parsed as run.py parses them, so that the hashes agree
-        config = _parsed(spec, base_args)
+        config = parsed_config(spec, base_args)
     runs = expand(module, config, seeds) if runs is None else runs
     db = results.ResultsDB(db_path)
     finished = db.finished_hashes(experiment)
@@ -134,6 +156,14 @@ def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experime
     pending = [(o, h) for o, h, done in todo if not done]
     groups = groups_of(config, pending, batch)
     bar = tqdm(total=len(pending), desc=experiment, unit="run", dynamic_ncols=True)
+    if ray_options is not None:
+        try:
+            _sweep_on_ray(groups, pending, config, spec, base_args, experiment, workdir, db,
+                          bar, counts, dict(ray_options))
+        finally:
+            bar.close()
+            db.close()
+        return counts
     for group in groups:
         members = [pending[i] for i in group]
         bar.set_postfix_str(" | ".join(" ".join(f"{k}={v}" for k, v in o.items())
@@ -168,7 +198,39 @@ def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experime
     return counts
 
 
-def _parsed(spec: str, base_args: list[str]):
+def _sweep_on_ray(groups, pending, config, spec, base_args, experiment, workdir, db, bar,
+                  counts, options) -> None:
+    """Runs ``groups`` as Ray tasks, writing each row here as its task returns."""
+    import experiments.sweep_ray as sweep_ray  # only now: Ray is an optional extra
+
+    def on_result(members, rows, running, seconds):
+        for overrides, row in zip(members, rows, strict=True):
+            run_config = results.apply_overrides(config, overrides)
+            try:
+                db.write(run_config, row["metrics"], status=row["status"],
+                         experiment=experiment, traceback=row["traceback"], **row["fields"])
+            except results.DuplicateRunError:  # another sweep finished it meanwhile
+                pass
+            if row["status"] == "ok":
+                counts["done"] += 1
+            else:
+                counts["failed"] += 1
+                tqdm.write(f"run {overrides} failed:\n{row['traceback'][-2000:]}")
+        bar.set_postfix_str(f"running={running} finished={counts['done']} "
+                            f"failed={counts['failed']}")
+        bar.update(len(members))
+
+    sweep_ray.connect(options.pop("address", None), num_cpus=options.pop("num_cpus", None))
+    try:
+        sweep_ray.check_workers()
+        sweep_ray.run_groups([[pending[i][0] for i in g] for g in groups], spec=spec,
+                             base_args=base_args, experiment=experiment, workdir=workdir,
+                             on_result=on_result, **options)
+    finally:
+        sweep_ray.shutdown()
+
+
+def parsed_config(spec: str, base_args: list[str]):
     """The config of ``spec`` with ``--config.<key>=<value>`` overrides, parsed by the same
     flags machinery as run.py."""
     from ml_collections import config_flags
@@ -185,11 +247,26 @@ def main(argv: list[str]) -> None:
     if FLAGS.config is None:
         raise app.UsageError("--config=configs/x.py[:variant] is required")
     experiment = FLAGS.experiment or common.experiment_name(FLAGS.config)
+    ray_options = None
+    if FLAGS.backend == "ray":
+        ray_options = dict(address=FLAGS.address, num_cpus=FLAGS.ray_num_cpus,
+                           cpus_per_run=FLAGS.cpus_per_run, gpus_per_run=FLAGS.gpus_per_run,
+                           max_retries=FLAGS.max_retries, max_in_flight=FLAGS.max_in_flight)
+    elif FLAGS.address is not None:
+        raise app.UsageError("--address is for --backend=ray")
     try:
         counts = sweep(FLAGS.config, BASE_ARGS, seeds=FLAGS.seeds, db_path=FLAGS.db,
                        experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run,
-                       batch=FLAGS.batch)
+                       batch=FLAGS.batch, ray_options=ray_options)
     except (OSError, ValueError, KeyError, results.ResultsDBError) as e:  # named bad input
+        sys.exit(f"sweep.py: error: {e}")
+    except ImportError as e:
+        if e.name != "ray":
+            raise
+        sys.exit("sweep.py: error: --backend=ray needs Ray: pip install -e '.[ray]'")
+    except RuntimeError as e:  # sweep_ray.RayBackendError, without importing it (nor Ray)
+        if type(e).__name__ != "RayBackendError":
+            raise
         sys.exit(f"sweep.py: error: {e}")
     print(f"{experiment}: {counts['done']} run, {counts['skipped']} already done, "
           f"{counts['failed']} failed")

@@ -36,7 +36,7 @@ def chosen_runs(spec: str, base_args: list[str], *, db_path: str, experiment: st
     chose, seeds 1 .. ``seeds`` - 1 at that rate (nothing for settings not yet run)."""
     module, config = common.load(spec)
     if base_args:
-        config = sweep_lib._parsed(spec, base_args)
+        config = sweep_lib.parsed_config(spec, base_args)
     db = results.ResultsDB(db_path)
     try:
         frame = db.frame("ok")

@@ -32,7 +32,7 @@ CONFIG_PREFIX, METRIC_PREFIX = "config.", "metric."
 # ``sweep.*`` fields describe the grid a run belongs to, not the run.
 UNHASHED = ("workdir", "quiet", "log.every", "log.tensorboard", "checkpoint.every",
             "checkpoint.keep", "checkpoint.resume", "checkpoint.fallback", "export_adapters",
-            "sweep.")
+            "sweep.", "distributed.")
 # Fields added after results were recorded, left out of the hash while they hold the value
 # that computes what runs did before them, so recorded runs keep their hashes.
 HASHED_UNLESS_DEFAULT = {

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from lowrank import results
+from lowrank.stack.checkpoint import StackCheckpoints
 from lowrank.stack.layout import stack_states, unstack_states
 from lowrank.stack.step import make_stacked_eval_step, make_stacked_train_step
 from lowrank.train.evaluate import evaluate
@@ -140,8 +141,9 @@ def _check_stackable(configs: Sequence[Any]) -> None:
                              "stackable; stacks run with parallel.mode='jit'")
         if config.workdir:
             raise ValueError(f"run {i}: config.workdir is {config.workdir!r}, but a stack "
-                             "writes no checkpoints, metrics files or exports (its results "
-                             "come back as TrainResults): set config.workdir to None")
+                             "writes no per-run metrics files or exports (its results come "
+                             "back as TrainResults): set config.workdir to None, and give "
+                             "train_stacked(..., workdir=) for the stack's checkpoints")
         if config.lora.method == "adalora":
             raise ValueError(f"run {i}: config.lora.method 'adalora' is not stackable: its rank "
                              "budget (an optax transform around AdamW) and its orthogonality "
@@ -182,20 +184,24 @@ def train_stacked(
     task: Task | None = None,
     *,
     member_keys: Sequence[str] = MEMBER_KEYS,
+    workdir: str | None = None,
 ) -> list[TrainResult | NonFiniteLoss]:
     """Trains the runs of ``configs`` as one stack; returns, per run, what
     ``lowrank.train.train(config, task)`` would (its state in its own layout, last train
     metrics, evaluation metrics), or the ``NonFiniteLoss`` its run would have raised.
 
-    Nothing is written to a workdir (no checkpoints, metrics files or exports), and a stack
-    does not resume. ``loop_seconds`` (and ``loop_cpu_seconds``) are the stack's: the time of
-    K runs' steps together.
+    With ``workdir``, the stack checkpoints there every ``checkpoint.every`` steps and at the
+    end (``lowrank.stack.checkpoint``), and resumes from its newest checkpoint, ending equal to
+    an uninterrupted stack; no metrics files or exports are written. ``loop_seconds`` (and
+    ``loop_cpu_seconds``) are the stack's: the time of K runs' steps together.
 
     Args:
       configs: ``lowrank.train`` configs that :func:`check_compatible` accepts.
       task: the shared task; default: built by ``configs[0].task``.
       member_keys: the fields members may differ in (a caller may add fields of its own that
         the task ignores).
+      workdir: the stack's own directory for checkpoints (the members' ``config.workdir``
+        stay None).
 
     >>> from lowrank.train import default_config
     >>> configs = [default_config() for _ in range(2)]
@@ -223,33 +229,63 @@ def train_stacked(
         micro_batches=first.micro_batches, per_member_batches=len(set(seeds)) > 1,
     ), donate_argnums=0)
     frozen = task.params
-    history, started, cpu_started = [], None, None
-    for i in range(first.steps):
-        stacked, metrics = step(stacked, frozen, _stack_batches(task, seeds, i))
-        history.append(metrics)
-        if i == 0:  # the first step includes compilation: time the rest
-            jax.block_until_ready(metrics)
-            started, cpu_started = time.perf_counter(), time.process_time()
-    jax.block_until_ready(stacked)
+    checkpoints = start = None
+    progress = {"last_metrics": [{} for _ in configs], "non_finite": [None for _ in configs]}
+    try:
+        if workdir is not None:
+            checkpoints = StackCheckpoints(workdir, configs, task.params,
+                                           keep=first.checkpoint.keep)
+            restored = checkpoints.restore(stacked)
+            if restored is not None:
+                stacked, start, progress = restored
+        start = start or 0
+        history, started, cpu_started = [], None, None
+        every = first.checkpoint.every
+        for i in range(start, first.steps):
+            stacked, metrics = step(stacked, frozen, _stack_batches(task, seeds, i))
+            history.append((i + 1, metrics))
+            if i == start:  # the first step includes compilation: time the rest
+                jax.block_until_ready(metrics)
+                started, cpu_started = time.perf_counter(), time.process_time()
+            if checkpoints is not None and ((i + 1) % every == 0 or i + 1 == first.steps):
+                progress = _progress(progress, history)
+                history = []
+                checkpoints.save(i + 1, stacked, progress)
+        jax.block_until_ready(stacked)
+        progress = _progress(progress, history)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
     loop_seconds = time.perf_counter() - started if started is not None else 0.0
     loop_cpu_seconds = time.process_time() - cpu_started if started is not None else 0.0
-    timed_steps = max(first.steps - 1, 0)
-    history = jax.device_get(history)
+    timed_steps = max(first.steps - start - 1, 0)
     evals = _evaluate(task, stacked, frozen, loss_fn)
     out: list[TrainResult | NonFiniteLoss] = []
     for k, state in enumerate(unstack_states(stacked, templates)):
-        losses = [float(m["loss"][k]) for m in history]
-        bad = next((s for s, loss in enumerate(losses) if not math.isfinite(loss)), None)
-        if bad is not None:
-            out.append(_non_finite(bad + 1, losses[bad]))
+        if progress["non_finite"][k] is not None:
+            out.append(_non_finite(*progress["non_finite"][k]))
             continue
-        metrics = {name: float(value[k]) for name, value in history[-1].items()}
+        metrics = dict(progress["last_metrics"][k])
         metrics["step_seconds"] = loop_seconds / timed_steps if timed_steps else float("nan")
         fields = dict(state=state, metrics=metrics, eval_metrics=evals[k] if evals else None,
-                      start_step=0, loop_seconds=loop_seconds, loop_cpu_seconds=loop_cpu_seconds,
-                      timed_steps=timed_steps, workdir=None)
+                      start_step=start, loop_seconds=loop_seconds,
+                      loop_cpu_seconds=loop_cpu_seconds, timed_steps=timed_steps, workdir=None)
         out.append(TrainResult(**{f: fields[f] for f in _RESULT_FIELDS if f in fields}))
     return out
+
+
+def _progress(progress: dict, history: list[tuple[int, Any]]) -> dict:
+    """``progress`` (each member's last metrics and first non-finite ``[step, loss]``)
+    carried over the steps of ``history``; JSON-ready, so a checkpoint keeps it."""
+    history = jax.device_get(history)
+    last, bad = [dict(m) for m in progress["last_metrics"]], list(progress["non_finite"])
+    for done, metrics in history:
+        for k in range(len(last)):
+            loss = float(metrics["loss"][k])
+            if bad[k] is None and not math.isfinite(loss):
+                bad[k] = [done, loss]
+            last[k] = {name: float(value[k]) for name, value in metrics.items()}
+    return {"last_metrics": last, "non_finite": bad}
 
 
 def _evaluate(task: Task, stacked, frozen, loss_fn) -> list[dict[str, float]] | None:

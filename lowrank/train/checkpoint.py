@@ -165,7 +165,8 @@ class Checkpointer:
 
     Saving costs the caller only a copy of the state to host memory: orbax's own work (files,
     metadata, deleting old steps) runs on a worker thread, one save after another; a failed save
-    raises at the next call. Call :meth:`close` at the end.
+    raises at the next call. In a run over several processes every process saves (orbax's
+    rule), in the calling thread. Call :meth:`close` at the end.
 
     >>> import tempfile, jax.numpy as jnp
     >>> ckpt = Checkpointer(tempfile.mkdtemp() + "/ckpt", keep=2)
@@ -210,6 +211,12 @@ class Checkpointer:
             meta=ocp.args.JsonSave({"format": FORMAT, **meta}),
         )
         self._finish_pending()
+        if jax.process_count() > 1:
+            # orbax issues collectives while saving; from a worker thread they could run in a
+            # different order than the steps' own on another process, and deadlock.
+            self.manager.save(step, args=args, force=True)
+            self.manager.wait_until_finished()
+            return
         self._pending = self._worker.submit(self.manager.save, step, args=args, force=True)
 
     def read_meta(self, step: int | None = None) -> dict:

@@ -58,6 +58,12 @@ def default_config() -> ml_collections.ConfigDict:
       log.every: write the train metrics of every this many steps (checks every step's loss).
       log.tensorboard: also write TensorBoard event files.
       export_adapters: write the adapters-only export at the end.
+      distributed.enabled: one run over several processes (``lowrank.train.distributed``;
+        needs ``parallel.mode="mesh"``).
+      distributed.coordinator_address, .num_processes, .process_id: ``HOST:PORT`` of process
+        0, how many processes, this one's index; all None: detected as JAX detects them
+        (SLURM, Open MPI).
+      distributed.timeout_s: how long to wait for the coordinator and the other processes.
 
     >>> config = default_config()
     >>> config.lora.rank = 4
@@ -113,6 +119,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict(dict(every=0, select=placeholder(str)))
     config.log = ml_collections.ConfigDict(dict(every=1, tensorboard=True))
     config.export_adapters = True
+    config.distributed = ml_collections.ConfigDict(dict(
+        enabled=False, coordinator_address=placeholder(str), num_processes=placeholder(int),
+        process_id=placeholder(int), timeout_s=120))
     config.lock()
     return config
 

@@ -19,6 +19,7 @@ from lowrank.adalora_budget import ranks as adalora_ranks
 from lowrank.adapters import init_adapters
 from lowrank.init_quantized import init as init_with_base
 from lowrank.train import checkpoint as ckpt_lib
+from lowrank.train import distributed
 from lowrank.train.config import lora_spec
 from lowrank.train.export import export_adapters
 from lowrank.train.metrics import MetricsWriter, Progress
@@ -102,6 +103,9 @@ def check_config(config: Any) -> None:
     _positive_int(config, "eval.every", minimum=0)
     if config.parallel.mode not in MODES:
         raise ValueError(f"config.parallel.mode {config.parallel.mode!r} is not one of {MODES}")
+    if (config.get("distributed") or {}).get("enabled") and config.parallel.mode != "mesh":
+        raise ValueError(f"config.distributed.enabled needs config.parallel.mode='mesh' (the "
+                         f"mesh spans every process's devices), got {config.parallel.mode!r}")
     if config.batch_size % config.micro_batches:
         raise ValueError(
             f"config.batch_size {config.batch_size} does not split into config.micro_batches "
@@ -276,6 +280,7 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
     >>> int(result.state.step), sorted(result.eval_metrics)
     (3, ['accuracy', 'loss', 'weight'])
     """
+    distributed.initialize(config.get("distributed"))  # before anything touches a device
     check_config(config)
     task = task if task is not None else load_task(config)
     schedule, tx = optimizer(config)
@@ -304,18 +309,19 @@ def train(config: Any, task: Task | None = None) -> TrainResult:
         if state is None:
             state = first_state if first_state is not None else init_state(config, task)
         start = int(state.step)
-        if workdir is not None:
+        primary = distributed.is_primary()  # metrics, progress and exports: process 0 only
+        if workdir is not None and primary:
             writer = MetricsWriter(workdir, start_step=start,
                                    tensorboard=config.log.tensorboard)
-        progress = Progress(config.steps, start, quiet=config.quiet)
-        selector = _selector(config, task, workdir, start)
+        progress = Progress(config.steps, start, quiet=config.quiet or not primary)
+        selector = _selector(config, task, workdir if primary else None, start)
         loop = StepLoop(config, task, runner, metric_names, checkpointer=checkpointer,
                         writer=writer, progress=progress, meta=meta, start=start,
                         selector=selector)
         placed = loop.run(runner.place_state(state), runner.place_frozen(frozen),
                           jax.jit(make_eval_step(loss_fn)))
         final = runner.host_state(placed)
-        if workdir is not None and config.export_adapters:
+        if workdir is not None and config.export_adapters and primary:
             export_adapters(workdir / ADAPTERS, final.trainable, lora=meta["lora"],
                             base=meta["base"], ranks=(adalora_ranks(final.opt_state)
                                                       if config.lora.method == "adalora"

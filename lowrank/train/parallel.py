@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lowrank.train import distributed
 from lowrank.train.state import TrainState
 from lowrank.train.step import StepFn
 
@@ -181,6 +182,8 @@ def mesh_runner(train_step: StepFn, mesh: Mesh) -> Runner:
 
     def place_batch(batch):
         _check_split(batch, n, "mesh")
+        if jax.process_count() > 1:  # each process transfers only its own rows
+            return distributed.global_batch(batch, batch_sharding)
         return jax.device_put(dict(batch), batch_sharding)
 
     step = jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated))
