@@ -128,7 +128,7 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
     colours = {"head": "tab:grey", "lora": "tab:blue"}
     for method, sel in summary.groupby("method"):
         colour = colours.get(method, "tab:green")
@@ -145,7 +145,7 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per encoder-kernel parameter (log scale)")
     ax.set_ylabel("BBC News test accuracy (%)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=150)

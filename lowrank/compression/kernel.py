@@ -24,7 +24,7 @@ class LowRankKernel(FrozenLeaf):
     """A frozen kernel replaced by low-rank factors, ``W ~ einsum(equation, u, v)``.
 
     The factors span the same axes as a LoRA pair's ``A`` and ``B`` (see
-    :class:`lowrank.layers.Factorization`): for a Dense ``[in, out]`` kernel ``u`` is
+    :class:`lowrank.Factorization`): for a Dense ``[in, out]`` kernel ``u`` is
     ``[in, r]`` and ``v`` is ``[r, out]``; both may carry leading stack axes (``nn.scan``).
     Either may be a :class:`lowrank.quant.QuantizedArray` (bits and rank combined).
 
