@@ -25,6 +25,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +242,10 @@ def parsed_config(spec: str, base_args: list[str]):
     return holder.config
 
 
-def main(argv: list[str]) -> None:
+def run_cli(argv: list[str], run: Callable[..., dict[str, int]], name: str = "sweep.py") -> None:
+    """The command line of ``sweep.py`` (and ``tune.py``, which shares its flags): checks the
+    flags, calls ``run(spec, BASE_ARGS, seeds=, db_path=, experiment=, workdir=, dry_run=,
+    batch=, ray_options=)``, prints the counts, and turns named bad input into one line."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.config is None:
@@ -255,23 +259,27 @@ def main(argv: list[str]) -> None:
     elif FLAGS.address is not None:
         raise app.UsageError("--address is for --backend=ray")
     try:
-        counts = sweep(FLAGS.config, BASE_ARGS, seeds=FLAGS.seeds, db_path=FLAGS.db,
-                       experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run,
-                       batch=FLAGS.batch, ray_options=ray_options)
+        counts = run(FLAGS.config, BASE_ARGS, seeds=FLAGS.seeds, db_path=FLAGS.db,
+                     experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run,
+                     batch=FLAGS.batch, ray_options=ray_options)
     except (OSError, ValueError, KeyError, results.ResultsDBError) as e:  # named bad input
-        sys.exit(f"sweep.py: error: {e}")
+        sys.exit(f"{name}: error: {e}")
     except ImportError as e:
         if e.name != "ray":
             raise
-        sys.exit("sweep.py: error: --backend=ray needs Ray: pip install -e '.[ray]'")
+        sys.exit(f"{name}: error: --backend=ray needs Ray: pip install -e '.[ray]'")
     except RuntimeError as e:  # sweep_ray.RayBackendError, without importing it (nor Ray)
         if type(e).__name__ != "RayBackendError":
             raise
-        sys.exit(f"sweep.py: error: {e}")
+        sys.exit(f"{name}: error: {e}")
     print(f"{experiment}: {counts['done']} run, {counts['skipped']} already done, "
           f"{counts['failed']} failed")
     if counts["failed"]:
         sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+    run_cli(argv, sweep)
 
 
 BASE_ARGS: list[str] = []

@@ -3,6 +3,8 @@ split at seed 0, then run the other seeds at the chosen rate.
 
     python experiments/tune.py --config=configs/rank_ablation.py --seeds=3
     python experiments/tune.py --config=configs/rank_ablation.py:tiny --seeds=2 --dry_run
+    python experiments/tune.py --config=configs/rank_ablation.py --seeds=3 --backend=ray \\
+        --address=auto                                # both phases on a Ray cluster
 
 Phase 1 is ``sweep.py --seeds=1`` over the config's whole grid (every learning rate of
 ``config.sweep.learning_rates``); phase 2 picks, per setting, the rate whose seed-0 run has the
@@ -53,11 +55,14 @@ def chosen_runs(spec: str, base_args: list[str], *, db_path: str, experiment: st
 
 
 def tune(spec: str, base_args: list[str], *, seeds: int, db_path: str, experiment: str,
-         workdir: str | None = None, dry_run: bool = False) -> dict[str, int]:
-    """Both phases (see the module docstring); returns the counts of both together."""
+         workdir: str | None = None, dry_run: bool = False, batch: int = 1,
+         ray_options: dict | None = None) -> dict[str, int]:
+    """Both phases (see the module docstring), each a :func:`sweep.sweep` (so on Ray with
+    ``ray_options``); returns the counts of both together."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    kwargs = dict(db_path=db_path, experiment=experiment, workdir=workdir, dry_run=dry_run)
+    kwargs = dict(db_path=db_path, experiment=experiment, workdir=workdir, dry_run=dry_run,
+                  batch=batch, ray_options=ray_options)
     counts = sweep_lib.sweep(spec, base_args, seeds=1, **kwargs)
     second = chosen_runs(spec, base_args, db_path=db_path, experiment=experiment, seeds=seeds)
     if second:
@@ -67,17 +72,7 @@ def tune(spec: str, base_args: list[str], *, seeds: int, db_path: str, experimen
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if FLAGS.config is None:
-        raise app.UsageError("--config=configs/x.py[:variant] is required")
-    experiment = FLAGS.experiment or common.experiment_name(FLAGS.config)
-    counts = tune(FLAGS.config, sweep_lib.BASE_ARGS, seeds=FLAGS.seeds, db_path=FLAGS.db,
-                  experiment=experiment, workdir=FLAGS.workdir, dry_run=FLAGS.dry_run)
-    print(f"{experiment}: {counts['done']} run, {counts['skipped']} already done, "
-          f"{counts['failed']} failed")
-    if counts["failed"]:
-        sys.exit(1)
+    sweep_lib.run_cli(argv, tune, name="tune.py")
 
 
 if __name__ == "__main__":
