@@ -212,7 +212,7 @@ def test_adamw_arguments_map_every_optimizer_field_but_the_schedule():
     schedule_fields = {"learning_rate", "schedule", "warmup_steps", "end_learning_rate"}
     config = lt.default_config()
     changed = {"weight_decay": 0.1, "loraplus_ratio": 4.0, "clip_norm": 0.5, "b1": 0.8,
-               "b2": 0.95, "eps": 1e-6}
+               "b2": 0.95, "eps": 1e-6, "lr_multipliers": (("head/.*", 10.0),)}
     assert set(config.optimizer) - schedule_fields == set(changed)
     for name, value in changed.items():
         config.optimizer[name] = value
