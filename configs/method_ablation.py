@@ -1,60 +1,75 @@
 """LoRA against its variants: MiniLM on BBC News with LoRA, rsLoRA, DoRA, VeRA, AdaLoRA, PiSSA
-and LoftQ on the query and value kernels, against full fine-tuning and the head alone.
+and LoftQ on the query and value kernels, against full fine-tuning and the head alone, under
+the results protocol (``configs/protocol.py``).
 
-    python experiments/sweep.py --config=configs/method_ablation.py --seeds=3
-    python experiments/sweep.py --config=configs/method_ablation.py:tiny --seeds=1
+    python experiments/tune.py --config=configs/method_ablation.py --seeds=3    # the table
+    python experiments/tune.py --config=configs/method_ablation.py:tiny --seeds=2
 
 Trainable parameters are matched where the method allows: LoRA, rsLoRA, DoRA (plus one
 magnitude per output unit), PiSSA and LoftQ at rank 8; AdaLoRA from rank 12 down to a target
 of 8 (PEFT's defaults, ending at LoRA's budget); VeRA cannot match (its count is ``r + out``
 per weight whatever r is) and uses PEFT's default r = 256. Every run records its trainable
 count, so the table shows what each method trained. LoftQ quantizes the base to nf4 (its
-point); every other run keeps the float base. Learning rates: 3e-3 for the low-rank methods,
-1e-2 for VeRA (two vectors per weight, as the VeRA paper's higher rates), 1e-4 for full
-fine-tuning, 1e-2 for the head alone. The table under the results protocol (rates chosen on
-validation data per method, several seeds) is the results issue's to run.
+point); every other run keeps the float base. Scales: alpha = 2r (scale 2) for LoRA, DoRA,
+AdaLoRA, PiSSA and LoftQ; rsLoRA the protocol's alpha = 8 over sqrt(r). Each method's learning
+rate is chosen on validation from its grid (``protocol.LEARNING_RATES``: the adapters' grid,
+VeRA's higher one, full fine-tuning's and the head's), 3 epochs, test accuracy at the best
+validation epoch; the new head trains at the protocol's head rate beside every body.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from configs import protocol
 from configs.finetune_bbc import get_config as bbc_config
+from configs.rank_ablation import EPOCHS, TRAIN_EXAMPLES
 
 METHODS = {
     "lora": {},
-    "rslora": {"lora.rslora": True},
+    "rslora": protocol.scale_overrides("rslora", 8),
     "dora": {"lora.method": "dora"},
-    "vera": {"lora.method": "vera", "lora.rank": 256, "optimizer.learning_rate": 1e-2},
+    "vera": {"lora.method": "vera", "lora.rank": 256},
     "adalora": {"lora.method": "adalora", "lora.rank": 12, "lora.adalora.target_rank": 8},
     "pissa": {"lora.init": "pissa"},
     "loftq": {"lora.init": "loftq", "quant.fmt": "nf4"},
-    "full": {"method": "full", "optimizer.learning_rate": 1e-4},
-    "head": {"method": "head", "optimizer.learning_rate": 1e-2},
+    "full": {"method": "full"},
+    "head": {"method": "head"},
 }
+GRIDS = {"vera": "vera", "full": "full", "head": "head"}
+"""The learning-rate grid of ``protocol.LEARNING_RATES`` each method takes ("lora" if absent)."""
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The finetune_bbc config plus ``sweep.methods``; "tiny" runs every method on a tiny
-    random BERT (ranks scaled down to its 32-wide layers).
+    """The finetune_bbc config under the results protocol plus ``sweep.methods``; "tiny" runs
+    every method on a tiny random BERT (ranks scaled down to its 32-wide layers; 2 epochs, two
+    rates per grid).
 
-    >>> get_config("tiny").sweep.methods[:3]
-    ('lora', 'rslora', 'dora')
+    >>> get_config("tiny").sweep.methods[:3], get_config().steps
+    (('lora', 'rslora', 'dora'), 165)
     """
     config = bbc_config(arg)
     with config.unlocked():
         config.sweep.methods = tuple(METHODS)
+        if arg == "tiny":
+            protocol.apply(config, epochs=2, train_examples=config.data.train_examples)
+            for name, rates in config.sweep.learning_rates.items():
+                config.sweep.learning_rates[name] = rates[1:]
+        else:
+            protocol.apply(config, epochs=EPOCHS, train_examples=TRAIN_EXAMPLES)
     return config
 
 
 def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
-    """One run per method of ``config.sweep.methods``; on the tiny model the ranks shrink to
-    fit (AdaLoRA 4 to 2, VeRA 16).
+    """One run per method of ``config.sweep.methods`` and learning rate of its grid; on the
+    tiny model the ranks shrink to fit (AdaLoRA 4 to 2, VeRA 16).
 
-    >>> [run.get("lora.method", run.get("method")) for run in get_sweep(get_config())][:5]
-    [None, None, 'dora', 'vera', 'adalora']
-    >>> get_sweep(get_config("tiny"))[4]["lora.adalora.target_rank"]
-    2
+    >>> runs = get_sweep(get_config())
+    >>> len(runs), runs[0]
+    (27, {'lora.alpha': 16.0, 'lora.rslora': False, 'optimizer.learning_rate': 0.0003})
+    >>> [run["lora.adalora.target_rank"] for run in get_sweep(get_config("tiny"))
+    ...  if "lora.adalora.target_rank" in run]
+    [2, 2]
     """
     tiny = config.model.name == "tiny"
     runs = []
@@ -66,5 +81,8 @@ def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
             run["lora.rank"], run["lora.adalora.target_rank"] = 4, 2
         if name == "adalora":  # the full budget for the first tenth, the final ranks the last
             run["lora.adalora.tinit"] = run["lora.adalora.tfinal"] = max(1, config.steps // 10)
-        runs.append(run)
+        if "lora.alpha" not in run and name not in GRIDS:  # constant scale 2 = alpha/r
+            run.update(protocol.scale_overrides("constant", run.get("lora.rank",
+                                                                     config.lora.rank)))
+        runs += [{**run, **lr} for lr in protocol.lr_grid(config, GRIDS.get(name, "lora"))]
     return runs

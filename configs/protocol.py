@@ -29,8 +29,11 @@ LEARNING_RATES = {
     "lora": (3e-4, 1e-3, 3e-3),
     "full": (1e-5, 3e-5, 1e-4),
     "head": (3e-3, 1e-2, 3e-2),
+    "vera": (3e-3, 1e-2, 3e-2),
 }
-"""The grid each method's learning rate is chosen from (the issue's ranges, a factor ~3 apart)."""
+"""The grid each method's learning rate is chosen from (the issue's ranges, a factor ~3 apart).
+VeRA trains two vectors per weight from frozen random projections and needs rates ~10x a
+LoRA's (the VeRA paper's 1e-2..4e-2); it takes the head's grid."""
 
 HEAD_LEARNING_RATE = 1e-2
 """The new head's rate when it trains beside a body (LoRA, full fine-tuning)."""

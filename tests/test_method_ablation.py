@@ -24,18 +24,27 @@ def _module(name: str, path: str):
     return module
 
 
-def test_sweep_has_every_method_once_with_its_own_hash():
+def test_sweep_has_every_method_at_every_rate_of_its_grid_with_its_own_hash():
     module, config = common.load("configs/method_ablation.py")
     runs = module.get_sweep(config)
-    assert len(runs) == 9
+    assert len(runs) == 9 * 3
     hashes = {results.config_hash(results.apply_overrides(config, r)) for r in runs}
-    assert len(hashes) == 9
-    resolved = {name: results.apply_overrides(config, r) for name, r in zip(
-        config.sweep.methods, runs, strict=True)}
-    assert resolved["adalora"].lora.method == "adalora"
-    assert resolved["adalora"].lora.adalora.target_rank == resolved["lora"].lora.rank
-    assert resolved["loftq"].quant.fmt == "nf4" and resolved["pissa"].quant.fmt == "none"
-    assert resolved["full"].method == "full" and resolved["rslora"].lora.rslora
+    assert len(hashes) == 27
+    resolved = {name: [results.apply_overrides(config, r) for r in runs[3 * i: 3 * i + 3]]
+                for i, name in enumerate(config.sweep.methods)}
+    rates = {name: [c.optimizer.learning_rate for c in group]
+             for name, group in resolved.items()}
+    assert rates["lora"] == rates["dora"] == [3e-4, 1e-3, 3e-3]
+    assert rates["vera"] == rates["head"] == [3e-3, 1e-2, 3e-2]
+    assert rates["full"] == [1e-5, 3e-5, 1e-4]
+    lora, adalora, rslora = resolved["lora"][0], resolved["adalora"][0], resolved["rslora"][0]
+    assert adalora.lora.method == "adalora"
+    assert adalora.lora.adalora.target_rank == lora.lora.rank
+    assert lora.lora.alpha == 2 * lora.lora.rank and adalora.lora.alpha == 2 * adalora.lora.rank
+    assert rslora.lora.rslora and rslora.lora.alpha == 8.0
+    assert resolved["loftq"][0].quant.fmt == "nf4" and resolved["pissa"][0].quant.fmt == "none"
+    assert resolved["full"][0].method == "full"
+    assert lora.eval.select == "accuracy" and lora.data.eval_split == "validation"
 
 
 # VeRA through train(config) is tested in test_vera.py; its sweep run is the slow tier's.
@@ -44,7 +53,7 @@ def test_sweep_has_every_method_once_with_its_own_hash():
 def test_tiny_runs_end_to_end(name):
     run = _module("experiments_run_methods", "experiments/run.py")
     module, config = common.load("configs/method_ablation.py:tiny")
-    overrides = module.get_sweep(config)[list(config.sweep.methods).index(name)]
+    overrides = module.get_sweep(config)[2 * list(config.sweep.methods).index(name)]
     config = results.apply_overrides(config, overrides)
     row = run.run(config, db_path=":memory:", experiment="test")
     assert np.isfinite(row["train_loss"]) and 0.0 <= row["accuracy"] <= 1.0
@@ -61,4 +70,4 @@ def test_tiny_sweep_runs_every_method(tmp_path):
     db = tmp_path / "results.sqlite"
     counts = sweep.sweep("configs/method_ablation.py:tiny", [], seeds=1, db_path=str(db),
                          experiment="method_ablation")
-    assert counts == {"done": 9, "skipped": 0, "failed": 0}
+    assert counts == {"done": 18, "skipped": 0, "failed": 0}
