@@ -305,8 +305,7 @@ def _bbc(config: Any) -> tuple[Task, BaseInfo]:
     test_arrays = stratified_subset(splits[test_split], d.eval_examples) if test_split else None
     batch_size = config.batch_size
 
-    def train_batch(seed: int, step: int) -> dict:
-        return data.batch_at(train_arrays, step, batch_size, seed)
+    train_batch, train_rows = data.sampler(train_arrays, batch_size)
 
     def eval_batches():
         return data.eval_batches(eval_arrays, d.eval_batch_size)
@@ -316,7 +315,7 @@ def _bbc(config: Any) -> tuple[Task, BaseInfo]:
 
     task = Task(model, frozen, train_batch, "classification", eval_batches,
                 forward=_bert_forward, source=f"bbc:{m.name}",
-                test_batches=test_batches if test_split else None)
+                test_batches=test_batches if test_split else None, train_rows=train_rows)
     return _for_loftq(task, dict(params), config, "bert"), info
 
 
@@ -355,12 +354,10 @@ def _lm_task(model, params, config, domain: str, split_sizes: tuple[int, int],
                                d.python_max_bytes)
     if split_sizes[1]:
         eval_windows = {k: v[: split_sizes[1]] for k, v in eval_windows.items()}
-    batch_size = config.batch_size
-    return Task(
-        model, params, lambda seed, step: data.batch_at(train_windows, step, batch_size, seed),
-        "lm", lambda: data.eval_batches(eval_windows, d.eval_batch_size),
-        source=f"lm:{domain}",
-    )
+    train_batch, train_rows = data.sampler(train_windows, config.batch_size)
+    return Task(model, params, train_batch, "lm",
+                lambda: data.eval_batches(eval_windows, d.eval_batch_size),
+                source=f"lm:{domain}", train_rows=train_rows)
 
 
 def pretrained_lm(config: Any) -> tuple[Any, dict]:

@@ -16,7 +16,11 @@ machine), the driver still the database's only writer:
 
     ray start --head --node-ip-address=127.0.0.1 --port=6379
     python experiments/sweep.py --config=configs/rank_ablation.py --backend=ray \
-        --address=127.0.0.1:6379 --cpus_per_run=1 --workdir=/shared/runs
+        --address=127.0.0.1:6379 --cpus_per_run=1 --artifacts=/shared/runs
+
+Workers return each row, its metrics and predictions to the driver; the large files
+(checkpoints, exported adapters) go under ``--artifacts`` (another name of ``--workdir``), a
+path every node sees, so a retried task resumes from them.
 """
 
 from __future__ import annotations
@@ -49,7 +53,10 @@ def define_flags() -> None:
     flags.DEFINE_string("config", None, "configs/x.py[:variant] with a get_sweep")
     flags.DEFINE_integer("seeds", 1, "seeds 0 .. N-1 of every run of the sweep")
     flags.DEFINE_string("db", str(DEFAULT_DB), "results database (SQLite file)")
-    flags.DEFINE_string("workdir", None, "passed to run.py (checkpoints, metrics)")
+    flags.DEFINE_string("workdir", None, "where each run keeps its checkpoints, metrics and "
+                        "exported adapters (run.py's --workdir); on Ray a path every node sees "
+                        "(also spelt --artifacts)")
+    flags.DEFINE_alias("artifacts", "workdir")
     flags.DEFINE_string("experiment", None,
                         "name rows are filed under (default: the config's stem)")
     flags.DEFINE_bool("dry_run", False, "list the runs and whether they are done")
@@ -225,7 +232,8 @@ def _sweep_on_ray(groups, pending, config, spec, base_args, experiment, workdir,
     try:
         sweep_ray.check_workers()
         sweep_ray.run_groups([[pending[i][0] for i in g] for g in groups], spec=spec,
-                             base_args=base_args, experiment=experiment, workdir=workdir,
+                             base_args=base_args, experiment=experiment,
+                             workdir=workdir and str(Path(workdir).resolve()),  # workers' cwd
                              on_result=on_result, **options)
     finally:
         sweep_ray.shutdown()

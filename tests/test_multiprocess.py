@@ -68,11 +68,11 @@ def uninterrupted(tmp_path_factory):
     single_out = single.communicate(timeout=300)[0]
     assert codes == [0, 0], outputs
     assert single.returncode == 0, single_out
-    return _load(tmp / "two.npz"), _load(tmp / "single.npz"), tmp
+    return _load(tmp / "two.npz"), _load(tmp / "single.npz"), tmp, outputs, single_out
 
 
 def test_two_processes_train_as_one_with_four_devices(uninterrupted):
-    two, single, tmp = uninterrupted
+    two, single, tmp, _, _ = uninterrupted
     assert sorted(two) == sorted(single) and int(two["step"]) == STEPS
     for name in single:
         np.testing.assert_allclose(two[name], single[name], atol=1e-5, err_msg=name)
@@ -82,9 +82,19 @@ def test_two_processes_train_as_one_with_four_devices(uninterrupted):
     assert sorted(p.name for p in (tmp / "two" / "checkpoints").iterdir()) == ["2", "4"]
 
 
+def test_each_process_loads_only_its_rows_of_every_batch(uninterrupted):
+    """Batch 16 over 4 devices, 2 per process: process 0 asks the task for rows 0:8 of every
+    batch, process 1 for 8:16 (Task.train_rows); one process builds whole batches."""
+    *_, outputs, single_out = uninterrupted
+    asked = [next(line for line in out.splitlines() if line.startswith("ROWS "))
+             for out in outputs]
+    assert sorted(asked) == ["ROWS 0 [(0, 8)]", "ROWS 1 [(8, 16)]"]
+    assert "ROWS 0 []" in single_out
+
+
 @pytest.mark.slow  # ~60 s on 2 loaded cores: pytest -m slow tests/test_multiprocess.py
 def test_killed_after_a_checkpoint_resumes_bit_identically(uninterrupted, tmp_path):
-    two, _, _ = uninterrupted
+    two = uninterrupted[0]
     procs = _start_two(tmp_path / "x.npz", tmp_path / "run", PARK_AT_STEP="3")
     try:
         for p in procs:  # both wait at step 3, after checkpoint 2 is on disk

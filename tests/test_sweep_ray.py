@@ -79,8 +79,10 @@ def _by_run(rows):
 def test_ray_rows_equal_local_and_a_killed_driver_resumes(cluster, tmp_path):
     config = _config(tmp_path)
     ray_db, local_db = tmp_path / "ray.sqlite", tmp_path / "local.sqlite"
-    ray_args = _args(config, ray_db, "--backend=ray", f"--address={cluster.address}")
-    proc = subprocess.Popen(ray_args, cwd=ROOT, start_new_session=True,
+    # --artifacts relative to the driver's directory: the workers get it made absolute.
+    ray_args = _args(config, ray_db, "--backend=ray", f"--address={cluster.address}",
+                     "--artifacts=art")
+    proc = subprocess.Popen(ray_args, cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     try:
@@ -94,13 +96,16 @@ def test_ray_rows_equal_local_and_a_killed_driver_resumes(cluster, tmp_path):
     before = _rows(ray_db)
     assert 1 <= len(before) < 4, f"the kill should land mid-sweep, got {len(before)} rows"
 
-    done = subprocess.run(ray_args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(ray_args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{4 - len(before)} run, {len(before)} already done, 0 failed" in done.stdout
     after = _rows(ray_db)
     assert len(after) == 4 and len({(r["config_hash"]) for r in after}) == 4
     assert after[:len(before)] == before  # the rows written before the kill, untouched
     assert not _rows(ray_db, "failed")
+    runs = tmp_path / "art" / "toy_sweep"  # each run's checkpoints, by its config hash
+    assert sorted(p.name for p in runs.iterdir()) == sorted(r["config_hash"] for r in after)
+    assert all(any((p / "checkpoints").iterdir()) for p in runs.iterdir())
 
     local = subprocess.run(_args(config, local_db), cwd=ROOT, capture_output=True, text=True,
                            timeout=300)

@@ -6,7 +6,14 @@
 (8, 128)
 """
 
-from lowrank.data.batches import Batches, batch_at, batch_indices, eval_batches, steps_per_epoch
+from lowrank.data.batches import (
+    Batches,
+    batch_at,
+    batch_indices,
+    eval_batches,
+    sampler,
+    steps_per_epoch,
+)
 from lowrank.data.bbc import TextDataset, classification_arrays, load_bbc, split_bbc, split_digest
 from lowrank.data.lm_corpus import (
     DOMAINS,
@@ -33,6 +40,6 @@ __all__ = [
     "BOS_ID", "BYTE_VOCAB_SIZE", "DOMAINS", "EOS_ID", "PAD_ID", "Batches", "TextDataset",
     "batch_at", "batch_indices", "classification_arrays", "decode_bytes", "documents", "encode",
     "encode_bytes", "english_documents", "eval_batches", "hash_order", "lm_tokens", "lm_windows",
-    "load_bbc", "load_tokenizer", "python_documents", "split_bbc", "split_digest",
+    "load_bbc", "load_tokenizer", "python_documents", "sampler", "split_bbc", "split_digest",
     "split_documents", "split_sizes", "steps_per_epoch",
 ]

@@ -10,7 +10,7 @@ of ``np.random.default_rng([seed, epoch]).permutation(n)``, dropping the incompl
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -56,16 +56,44 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
 
 
 def batch_at(
-    dataset: Mapping[str, np.ndarray], step: int, batch_size: int, seed: int
+    dataset: Mapping[str, np.ndarray], step: int, batch_size: int, seed: int,
+    rows: slice | None = None,
 ) -> dict[str, np.ndarray]:
-    """Batch ``step`` of ``dataset`` (a dict of arrays sharing their leading dimension).
+    """Batch ``step`` of ``dataset`` (a dict of arrays sharing their leading dimension); with
+    ``rows``, only those rows of it (gathered alone: a process of a multi-process run loads
+    its share).
 
     >>> batch_at({"x": np.arange(10)}, 0, 2, seed=1)["x"].tolist() == \\
     ...     batch_at({"x": np.arange(10)}, 0, 2, seed=1)["x"].tolist()
     True
+    >>> whole = batch_at({"x": np.arange(10)}, 3, 4, seed=0)["x"]
+    >>> bool((batch_at({"x": np.arange(10)}, 3, 4, seed=0, rows=slice(2, 4))["x"]
+    ...       == whole[2:4]).all())
+    True
     """
     idx = batch_indices(num_examples(dataset), step, batch_size, seed)
+    if rows is not None:
+        idx = idx[rows]
     return {k: np.asarray(v)[idx] for k, v in dataset.items()}
+
+
+def sampler(dataset: Mapping[str, np.ndarray], batch_size: int) -> tuple[
+        Callable[[int, int], dict], Callable[[int, int, slice], dict]]:
+    """``(train_batch, train_rows)`` over ``dataset``, as ``lowrank.train.Task`` takes them:
+    ``train_batch(seed, step)`` is :func:`batch_at`, ``train_rows(seed, step, rows)`` only
+    the rows ``rows`` of that batch.
+
+    >>> train_batch, train_rows = sampler({"x": np.arange(10)}, 4)
+    >>> train_batch(0, 3)["x"][1:3].tolist() == train_rows(0, 3, slice(1, 3))["x"].tolist()
+    True
+    """
+    def train_batch(seed: int, step: int) -> dict[str, np.ndarray]:
+        return batch_at(dataset, step, batch_size, seed)
+
+    def train_rows(seed: int, step: int, rows: slice) -> dict[str, np.ndarray]:
+        return batch_at(dataset, step, batch_size, seed, rows)
+
+    return train_batch, train_rows
 
 
 class Batches:

@@ -5,8 +5,9 @@ With ``config.distributed.enabled``, :func:`initialize` connects this process to
 before anything touches a device: the coordinator address, process count and id come from
 the config, or, left None, are detected as JAX detects them (SLURM, Open MPI). Then
 ``jax.devices()`` lists every process's devices, so ``parallel.mode="mesh"`` spans them all;
-each process transfers only its own rows of every global batch to its devices
-(:func:`global_batch`; the task still builds the whole batch on each process); checkpoints
+each process loads only its own rows of every global batch (``Task.train_rows``, given
+:func:`local_rows`) and transfers them to its devices (:func:`local_batch`; a task without
+``train_rows`` builds the whole batch and :func:`global_batch` keeps its rows); checkpoints
 are written by all processes together (orbax's rule), and metrics files, the progress bar and
 the adapters export come from process 0 only (:func:`is_primary`).
 
@@ -166,6 +167,31 @@ def local_rows(sharding: jax.sharding.Sharding, batch_size: int) -> slice:
     return slice(start, stop)
 
 
+def local_batch(batch: Mapping[str, Any], sharding: jax.sharding.Sharding,
+                size: int) -> dict:
+    """This process's rows (:func:`local_rows`) of a global batch of ``size`` examples as
+    global arrays split by ``sharding``: every process passes its own rows, none holds all.
+
+    >>> from lowrank.train.parallel import make_mesh
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> sharding = NamedSharding(make_mesh((-1, 1)), P(("data", "fsdp")))
+    >>> local_batch({"x": np.ones((4, 2))}, sharding, 4)["x"].shape
+    (4, 2)
+    """
+    rows = local_rows(sharding, size)
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        if value.shape[:1] != (rows.stop - rows.start,):
+            raise ValueError(
+                f"batch entry {name!r} has shape {value.shape}: this process (index "
+                f"{jax.process_index()}) holds rows {rows.start}:{rows.stop} of the global "
+                f"batch of {size}, so a leading axis of {rows.stop - rows.start} was expected")
+        out[name] = jax.make_array_from_process_local_data(sharding, value,
+                                                           (size, *value.shape[1:]))
+    return out
+
+
 def global_batch(batch: Mapping[str, Any], sharding: jax.sharding.Sharding) -> dict:
     """A global batch (every process holds all of it) as arrays split by ``sharding``, each
     process transferring only the rows of its own devices (:func:`local_rows`).
@@ -179,6 +205,6 @@ def global_batch(batch: Mapping[str, Any], sharding: jax.sharding.Sharding) -> d
     out = {}
     for name, value in batch.items():
         value = np.asarray(value)
-        rows = local_rows(sharding, value.shape[0])
-        out[name] = jax.make_array_from_process_local_data(sharding, value[rows], value.shape)
+        size = value.shape[0]
+        out.update(local_batch({name: value[local_rows(sharding, size)]}, sharding, size))
     return out

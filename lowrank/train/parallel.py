@@ -43,6 +43,10 @@ class Runner:
       host_state: one copy of a placed state (for checkpoints and results).
       host_metrics: one copy of the metrics.
       eval_view: ``(placed state, placed frozen) -> (trainable, frozen)`` for a jitted eval.
+      local_rows: ``batch_size -> slice``, the rows of every global batch this process feeds,
+        in a multi-process run (None: one process feeds the whole batch).
+      place_local_batch: ``(those rows, batch_size) -> placed global batch`` (with
+        ``local_rows``).
     """
 
     mode: str
@@ -54,6 +58,8 @@ class Runner:
     host_state: Callable[[Any], TrainState]
     host_metrics: Callable[[Any], dict]
     eval_view: Callable[[Any, Any], tuple[Any, Any]]
+    local_rows: Callable[[int], slice] | None = None
+    place_local_batch: Callable[[Mapping[str, Any], int], Any] | None = None
 
 
 def _identity(x):
@@ -186,11 +192,18 @@ def mesh_runner(train_step: StepFn, mesh: Mesh) -> Runner:
             return distributed.global_batch(batch, batch_sharding)
         return jax.device_put(dict(batch), batch_sharding)
 
+    def place_local_batch(rows, size):
+        _check_split({"(every entry)": np.empty(size)}, n, "mesh")
+        return distributed.local_batch(rows, batch_sharding, size)
+
     step = jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated))
+    several = jax.process_count() > 1
     return Runner(
         "mesh", n, step,
         lambda state: jax.device_put(state, replicated),
         lambda frozen: jax.device_put(frozen, fsdp_shardings(frozen, mesh)),
         place_batch, _identity, _identity,
         lambda state, frozen: (state.trainable, frozen),
+        (lambda size: distributed.local_rows(batch_sharding, size)) if several else None,
+        place_local_batch if several else None,
     )

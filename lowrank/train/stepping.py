@@ -68,10 +68,7 @@ class StepLoop:
         pending: list[tuple[int, Any]] = []
         self._last_read = time.perf_counter()
         for i in range(self.start, config.steps):
-            batch = self.task.train_batch(config.seed, i)
-            if i == self.start:
-                _check_batch(batch, config.batch_size, i)
-            placed, metrics = runner.step(placed, frozen, runner.place_batch(batch))
+            placed, metrics = runner.step(placed, frozen, self._batch(i))
             pending.append((i + 1, metrics))
             done = i + 1
             save = every and (done % every == 0 or done == config.steps)
@@ -97,6 +94,21 @@ class StepLoop:
         ):
             self._evaluate(placed, frozen, eval_step, config.steps)
         return placed
+
+    def _batch(self, i: int):
+        """Batch ``i`` placed on the devices; in a multi-process run, from this process's
+        rows alone when the task can build them (``Task.train_rows``)."""
+        config, task, runner = self.config, self.task, self.runner
+        if runner.local_rows is None or task.train_rows is None:
+            batch = task.train_batch(config.seed, i)
+            if i == self.start:
+                _check_batch(batch, config.batch_size, i)
+            return runner.place_batch(batch)
+        rows = runner.local_rows(config.batch_size)
+        batch = task.train_rows(config.seed, i, rows)
+        if i == self.start:
+            _check_batch(batch, rows.stop - rows.start, i, f"train_rows(seed, {i}, {rows})")
+        return runner.place_local_batch(batch, config.batch_size)
 
     def _read(self, chunk: list[tuple[int, Any]]) -> None:
         vectors = jax.device_get([self.runner.host_metrics(m) for _, m in chunk])
@@ -147,11 +159,12 @@ class StepLoop:
                 self.writer.write(step, best.test, prefix="test/")
 
 
-def _check_batch(batch, batch_size: int, step: int) -> None:
+def _check_batch(batch, batch_size: int, step: int, call: str | None = None) -> None:
     for name, value in batch.items():
         shape = jnp.shape(value)
         if not shape or shape[0] != batch_size:
+            expected = ("config.batch_size" if call is None else "its rows' count")
             raise ValueError(
-                f"task.train_batch(seed, {step}) entry {name!r} has shape {shape}: "
-                f"expected a leading axis of config.batch_size = {batch_size}"
+                f"task.{call or f'train_batch(seed, {step})'} entry {name!r} has shape "
+                f"{shape}: expected a leading axis of {expected} = {batch_size}"
             )

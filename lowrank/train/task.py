@@ -61,6 +61,10 @@ class Task:
         through ``lowrank.init``: what a LoftQ init (``config.lora.init="loftq"``) fits its
         adapters to. None: ``params`` are the frozen tree as they are (PiSSA still makes its
         residual from them).
+      train_rows: ``(seed, step, rows) -> train_batch(seed, step)`` sliced to ``rows`` (a
+        ``slice``), built without the other rows: in a multi-process run each process asks
+        for its own share only (``lowrank.data.sampler`` makes both functions from arrays).
+        None: every process builds the whole batch and keeps its rows.
 
     >>> import jax.numpy as jnp
     >>> model = nn.Dense(2)
@@ -79,6 +83,7 @@ class Task:
     source: str = "unspecified"
     quant: Any = None
     test_batches: Callable[[], Iterable[Batch]] | None = None
+    train_rows: Callable[[int, int, slice], Batch] | None = None
 
 
 def load_task(config: Any) -> Task:

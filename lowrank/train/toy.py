@@ -72,8 +72,7 @@ def _task(config, model, params, make_dataset, loss, source) -> Task:
     test_set = make_dataset(rng, s["test_examples"])  # drawn last: the other two stay as they were
     batch_size = config.batch_size
 
-    def train_batch(seed: int, step: int) -> dict:
-        return data.batch_at(train_set, step, batch_size, seed)
+    train_batch, train_rows = data.sampler(train_set, batch_size)
 
     def eval_batches():
         return data.eval_batches(eval_set, batch_size)
@@ -83,7 +82,7 @@ def _task(config, model, params, make_dataset, loss, source) -> Task:
 
     settings = ", ".join(f"{k}={v}" for k, v in s.items() if k != "test_examples")
     return Task(model, params, train_batch, loss, eval_batches, source=f"{source}({settings})",
-                test_batches=test_batches)
+                test_batches=test_batches, train_rows=train_rows)
 
 
 def classifier(config: Any) -> Task:
