@@ -3,6 +3,7 @@ and LoftQ on the query and value kernels, against full fine-tuning and the head 
 the results protocol (``configs/protocol.py``).
 
     python experiments/tune.py --config=configs/method_ablation.py --seeds=3    # the table
+    python experiments/tune.py --config=configs/method_ablation.py:lm --seeds=3 # the LM task
     python experiments/tune.py --config=configs/method_ablation.py:tiny --seeds=2
 
 Trainable parameters are matched where the method allows: LoRA, rsLoRA, DoRA (plus one
@@ -15,6 +16,15 @@ AdaLoRA, PiSSA and LoftQ; rsLoRA the protocol's alpha = 8 over sqrt(r). Each met
 rate is chosen on validation from its grid (``protocol.LEARNING_RATES``: the adapters' grid,
 VeRA's higher one, full fine-tuning's and the head's), 3 epochs, test accuracy at the best
 validation epoch; the new head trains at the protocol's head rate beside every body.
+
+"lm" (and "lm_tiny") is the same comparison on the LM task (``configs/lm_domain.py``: the
+Python-pretrained Llama-style decoder adapted to English prose, every linear layer adapted):
+one epoch over the English training windows (~420k bytes; cosine to 0), validation every
+quarter epoch on the first
+``data.eval_windows`` held-out windows, test perplexity on the next as many (the same held-out
+documents, later windows) at the best validation perplexity. Its baselines are full
+fine-tuning, whose grid moves up to (3e-5, 1e-4, 3e-4) since this small model was pretrained at
+3e-3, and the base untrained ("none"); it has no new head.
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ from __future__ import annotations
 import ml_collections
 
 from configs import protocol
+from configs.common import parse_variant
 from configs.finetune_bbc import get_config as bbc_config
+from configs.lm_domain import get_config as lm_config
 from configs.rank_ablation import EPOCHS, TRAIN_EXAMPLES
 
 METHODS = {
@@ -35,28 +47,56 @@ METHODS = {
     "loftq": {"lora.init": "loftq", "quant.fmt": "nf4"},
     "full": {"method": "full"},
     "head": {"method": "head"},
+    "none": {"method": "none"},
 }
-GRIDS = {"vera": "vera", "full": "full", "head": "head"}
-"""The learning-rate grid of ``protocol.LEARNING_RATES`` each method takes ("lora" if absent)."""
+GRIDS = {"vera": "vera", "full": "full", "head": "head", "none": None}
+"""The learning-rate grid of ``protocol.LEARNING_RATES`` each method takes ("lora" if absent;
+None: nothing trained, nothing to tune)."""
+LM_TRAIN_WINDOWS = 3272  # English training windows of 128 bytes (lowrank.data.lm_windows)
+LM_EVAL_WINDOWS = 160  # validation and test each; 342 held-out windows in all
+LM_FULL_RATES = (3e-5, 1e-4, 3e-4)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The finetune_bbc config under the results protocol plus ``sweep.methods``; "tiny" runs
     every method on a tiny random BERT (ranks scaled down to its 32-wide layers; 2 epochs, two
-    rates per grid).
+    rates per grid); "lm" / "lm_tiny" on the LM task (see the module docstring).
 
     >>> get_config("tiny").sweep.methods[:3], get_config().steps
     (('lora', 'rslora', 'dora'), 165)
+    >>> lm = get_config("lm")
+    >>> lm.steps, lm.eval.every, lm.eval.select, lm.sweep.methods[-2:]
+    (204, 51, 'perplexity', ('full', 'none'))
     """
+    variant = parse_variant(arg, ("default", "tiny", "lm", "lm_tiny"))
+    if variant.startswith("lm"):
+        return _lm(variant == "lm_tiny")
     config = bbc_config(arg)
     with config.unlocked():
-        config.sweep.methods = tuple(METHODS)
-        if arg == "tiny":
+        config.sweep.methods = tuple(m for m in METHODS if m != "none")
+        if variant == "tiny":
             protocol.apply(config, epochs=2, train_examples=config.data.train_examples)
             for name, rates in config.sweep.learning_rates.items():
                 config.sweep.learning_rates[name] = rates[1:]
         else:
             protocol.apply(config, epochs=EPOCHS, train_examples=TRAIN_EXAMPLES)
+    return config
+
+
+def _lm(tiny: bool) -> ml_collections.ConfigDict:
+    config = lm_config("tiny" if tiny else None)
+    with config.unlocked():
+        config.sweep.methods = tuple(m for m in METHODS if m != "head")
+        protocol.apply(config, epochs=1, train_examples=32 if tiny else LM_TRAIN_WINDOWS)
+        config.eval.every = max(1, config.eval.every // 4)
+        config.eval.select = "perplexity"
+        config.data.eval_windows = 6 if tiny else LM_EVAL_WINDOWS
+        config.sweep.learning_rates.full = LM_FULL_RATES
+        del config["head_learning_rate"]  # no new head
+        if tiny:
+            for name, rates in config.sweep.learning_rates.items():
+                config.sweep.learning_rates[name] = rates[1:]
+    config.lock()
     return config
 
 
@@ -71,7 +111,8 @@ def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
     ...  if "lora.adalora.target_rank" in run]
     [2, 2]
     """
-    tiny = config.model.name == "tiny"
+    tiny = config.model.name == "tiny" or (config.model.name == "llama"
+                                           and config.model.hidden_size <= 32)
     runs = []
     for name in config.sweep.methods:
         run = dict(METHODS[name])
@@ -84,5 +125,6 @@ def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
         if "lora.alpha" not in run and name not in GRIDS:  # constant scale 2 = alpha/r
             run.update(protocol.scale_overrides("constant", run.get("lora.rank",
                                                                      config.lora.rank)))
-        runs += [{**run, **lr} for lr in protocol.lr_grid(config, GRIDS.get(name, "lora"))]
+        grid = GRIDS.get(name, "lora")
+        runs += [{**run, **lr} for lr in protocol.lr_grid(config, grid)] if grid else [run]
     return runs

@@ -352,12 +352,23 @@ def _lm_task(model, params, config, domain: str, split_sizes: tuple[int, int],
     train_windows = _lm_windows(domain, "train", d.seq_len, d.python_max_bytes)
     eval_windows = _lm_windows(eval_domain or domain, "validation", d.seq_len,
                                d.python_max_bytes)
+    test_windows = None
+    if d.get("test_split", None) == "test":  # the next windows of the held-out documents
+        n = split_sizes[1]
+        if not n or 2 * n > len(eval_windows["inputs"]):
+            raise ValueError(f"config.data.eval_windows={n}: a test split takes the "
+                             f"{n} windows after the first {n} of the "
+                             f"{len(eval_windows['inputs'])} held-out ones, so it must be "
+                             f"between 1 and {len(eval_windows['inputs']) // 2}")
+        test_windows = {k: v[n: 2 * n] for k, v in eval_windows.items()}
     if split_sizes[1]:
         eval_windows = {k: v[: split_sizes[1]] for k, v in eval_windows.items()}
     train_batch, train_rows = data.sampler(train_windows, config.batch_size)
     return Task(model, params, train_batch, "lm",
                 lambda: data.eval_batches(eval_windows, d.eval_batch_size),
-                source=f"lm:{domain}", train_rows=train_rows)
+                source=f"lm:{domain}", train_rows=train_rows,
+                test_batches=test_windows and (
+                    lambda: data.eval_batches(test_windows, d.eval_batch_size)))
 
 
 def pretrained_lm(config: Any) -> tuple[Any, dict]:

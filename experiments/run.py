@@ -50,7 +50,11 @@ from lowrank.train import (  # noqa: E402
     resolve_dtype,
     train,
 )
-from lowrank.train.selection import make_score_step, per_example_scores  # noqa: E402
+from lowrank.train.selection import (  # noqa: E402
+    BestPoint,
+    make_score_step,
+    per_example_scores,
+)
 
 DEFAULT_DB = ROOT / "workdir" / "results.sqlite"
 
@@ -159,17 +163,28 @@ def evaluate_base(config, task) -> types.SimpleNamespace:
     """The evaluation metrics of the task's frozen base as stored (``method="none"``: no
     adapters, nothing trained) and its per-example scores on the evaluation split (each
     window's loss, for paired tests between bases), shaped like the ``TrainResult`` fields
-    :func:`_row` reads."""
-    loss_fn = make_loss_fn(task.model, task.forward, task.loss,
-                           compute_dtype=resolve_dtype(config.compute_dtype))
-    metrics = evaluate(jax.jit(make_eval_step(loss_fn)), {}, task.params, task.eval_batches())
-    score_step = make_score_step(task.model, task.forward, task.loss,
-                                 compute_dtype=resolve_dtype(config.compute_dtype))
-    scores = None if score_step is None else per_example_scores(
-        jax.jit(score_step), {}, task.params, task.eval_batches())
+    :func:`_row` reads. Under ``config.eval.select`` with a test split, the test split's
+    metrics and scores are reported as a trained run's are (the base is its own best point).
+    """
+    dtype = resolve_dtype(config.compute_dtype)
+    eval_step = jax.jit(make_eval_step(make_loss_fn(task.model, task.forward, task.loss,
+                                                    compute_dtype=dtype)))
+    score_step = make_score_step(task.model, task.forward, task.loss, compute_dtype=dtype)
+    score_step = None if score_step is None else jax.jit(score_step)
+
+    def measure(batches):
+        metrics = evaluate(eval_step, {}, task.params, batches())
+        scores = (None if score_step is None else
+                  per_example_scores(score_step, {}, task.params, batches()))
+        return metrics, scores
+
+    metrics, scores = measure(task.eval_batches)
+    best = None
+    if config.eval.get("select", None) and task.test_batches is not None:
+        best = BestPoint(0, metrics, *measure(task.test_batches))
     return types.SimpleNamespace(eval_metrics=metrics, metrics={"loss": math.nan},
                                  trainable={}, loop_seconds=0.0, timed_steps=0, workdir=None,
-                                 scores=scores)
+                                 scores=scores, best=best)
 
 
 def already_finished(db, config, experiment: str) -> str | None:

@@ -70,12 +70,42 @@ def choose(frame: Any, *, tuned_keys: Sequence[str] = (LEARNING_RATE,),
     return chosen
 
 
+SELECTED_ON = {"accuracy": ("metric.val_accuracy", "max"), "loss": ("metric.val_loss", "min"),
+               "perplexity": ("metric.val_perplexity", "min")}
+"""A run's ``config.eval.select`` -> the validation column its rate is chosen on, and which
+way is better: the rate is chosen on the metric the run chose its best point on."""
+SELECT = "config.eval.select"
+
+
 def tuned(frame: Any, *, tuned_keys: Sequence[str] = (LEARNING_RATE,),
-          metric: str = "metric.val_accuracy", **kwargs: Any) -> Any:
+          metric: str | None = None, **kwargs: Any) -> Any:
     """The rows of ``frame`` at each cell's chosen values (every seed), with a column
-    ``grid_size`` (how many values the cell tried). Without ``metric`` (runs that did not
-    evaluate on validation) or a tuned key in ``frame``, ``frame`` as it is: nothing to choose.
+    ``grid_size`` (how many values the cell tried). ``metric`` None: each row's
+    ``config.eval.select`` names it (:data:`SELECTED_ON`; validation accuracy for rows without
+    one). Without ``metric`` (runs that did not evaluate on validation) or a tuned key in
+    ``frame``, ``frame`` as it is: nothing to choose.
+
+    >>> import pandas as pd
+    >>> lm = pd.DataFrame({"experiment": ["e"] * 2, "seed": [0, 0], "config_hash": list("ab"),
+    ...     "config.eval.select": ["perplexity"] * 2, "config.optimizer.learning_rate": [1, 3],
+    ...     "metric.val_perplexity": [9.0, 8.0], "metric.val_loss": [2.2, 2.1]})
+    >>> tuned(lm)["config_hash"].tolist()   # the lower validation perplexity
+    ['b']
     """
+    if metric is None:
+        if SELECT in frame and frame[SELECT].isin(list(SELECTED_ON)).any():
+            import pandas as pd
+
+            parts = [tuned(frame[frame[SELECT] == select], tuned_keys=tuned_keys,
+                           metric=column, **{"mode": mode, **kwargs})
+                     for select, (column, mode) in SELECTED_ON.items()
+                     if (frame[SELECT] == select).any()]
+            rest = frame[~frame[SELECT].isin(list(SELECTED_ON))]
+            if len(rest):
+                parts.append(tuned(rest, tuned_keys=tuned_keys,
+                                   metric=SELECTED_ON["accuracy"][0], **kwargs))
+            return pd.concat(parts).sort_index()
+        metric = SELECTED_ON["accuracy"][0]
     if frame.empty or metric not in frame or any(k not in frame for k in tuned_keys):
         return frame
     untuned = frame[list(tuned_keys)].isna().any(axis=1) | frame[metric].isna()

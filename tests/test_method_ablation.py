@@ -2,6 +2,7 @@
 the methods new to it; through experiments/sweep.py, every method, under ``-m slow``)."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -71,3 +72,23 @@ def test_tiny_sweep_runs_every_method(tmp_path):
     counts = sweep.sweep("configs/method_ablation.py:tiny", [], seeds=1, db_path=str(db),
                          experiment="method_ablation")
     assert counts == {"done": 18, "skipped": 0, "failed": 0}
+
+
+@pytest.mark.parametrize("name", ["none", "lora"])
+def test_lm_tiny_reports_test_perplexity_at_the_best_validation_point(name):
+    """The LM variant: validation and test are disjoint held-out windows; the row's perplexity
+    is the test split's, with one loss per test window stored for paired tests (the untrained
+    base reports its own test split the same way)."""
+    run = _module("experiments_run_methods", "experiments/run.py")
+    module, config = common.load("configs/method_ablation.py:lm_tiny")
+    overrides = next(r for r in module.get_sweep(config)
+                     if r.get("method", "lora") == name and "lora.method" not in r
+                     and "lora.init" not in r and not r.get("lora.rslora"))
+    row = run.run(results.apply_overrides(config, overrides), db_path=":memory:",
+                  experiment="test")
+    assert row["perplexity"] != row["val_perplexity"]  # two splits
+    assert row["perplexity"] == pytest.approx(np.exp(row["loss"]), rel=1e-5)
+    scores = json.loads(row["predictions"])
+    assert len(scores["nll"]) == config.data.eval_windows
+    mean_loss = np.sum(scores["nll"]) / np.sum(scores["tokens"])
+    assert mean_loss == pytest.approx(row["loss"], rel=1e-4)
