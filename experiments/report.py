@@ -4,8 +4,8 @@
         --out=experiments/results --readme=experiments/results/README.md --readme=README.md
 
 Prints the Markdown tables of every experiment in the database that has a table family
-(``rank_ablation``, ``quant_ablation``, ``lm_domain``, ``quant_perplexity``, with any
-``:variant``) and lists the
+(``rank_ablation``, ``quant_ablation``, ``lm_domain``, ``quant_perplexity``,
+``method_ablation``, with any ``:variant``) and lists the
 experiments that have none; with ``--out`` writes ``tables.md``, ``tables.tex`` (booktabs),
 ``runs.csv`` (every run, failed ones included), ``accuracy_vs_rank*.png`` and, when ``--runs``
 holds the exported adapters, ``subspace_similarity.png``; each ``--readme`` gets its summary
@@ -14,7 +14,8 @@ block rewritten (``report_summary``). ``--db`` may also be a CSV export.
 Tables (``report_tables``): targets x scale x rank of test accuracy with paired differences
 from the largest rank (the LoRA paper's Tables 5 and 6), the baselines in their own table,
 data type x (bits per parameter, weight RMSE, accuracy, paired difference from float32)
-(QLoRA's data-type comparison), method x cost, and the LM study. Where a sweep tuned the
+(QLoRA's data-type comparison), method x cost, the LM study, and LoRA's variants against the
+baselines (``report_variants``). Where a sweep tuned the
 learning rate, each setting's rows at the rate chosen on validation are the ones reported
 (``lowrank.tuning``).
 """
@@ -57,6 +58,7 @@ from report_tables import (  # noqa: E402, F401
     to_latex,
     to_markdown,
 )
+from report_variants import variant_table  # noqa: E402
 
 from lowrank import results, tuning  # noqa: E402
 
@@ -114,6 +116,8 @@ def report(frame: pd.DataFrame) -> list[tuple[str, Table]]:
             tables.append((_label("lm", name), lm_table(runs, name)))
         elif kind == "quant_perplexity":
             tables.append((_label("perplexity", name), perplexity_table(runs, name)))
+        elif kind == "method_ablation":
+            tables.append((_label("variants", name), variant_table(runs, name)))
     if costs:
         tuned = pd.concat([tuning.tuned(experiment_runs(frame, n)) for n in costs])
         tables.append(("tab:method", method_table(tuned, experiments=costs)))
@@ -124,7 +128,8 @@ def untabled(frame: pd.DataFrame) -> dict[str, int]:
     """``{experiment: finished runs}`` of the experiments no table family covers."""
     if frame.empty or "experiment" not in frame:
         return {}
-    known = ("rank_ablation", "quant_ablation", "lm_domain", "quant_perplexity")
+    known = ("rank_ablation", "quant_ablation", "lm_domain", "quant_perplexity",
+             "method_ablation")
     counts = frame.groupby(frame["experiment"].fillna("(none)")).size()
     return {name: int(n) for name, n in counts.items() if kind_of(name) not in known}
 
