@@ -4,9 +4,10 @@
 >>> spec = lr.LoraSpec(rank=8, alpha=16, targets=r".*/(query|value)/kernel")
 """
 
-from lowrank import compression, frozen, nnx, optim
+from lowrank import autodiff, compression, frozen, nnx, optim
 from lowrank.adalora import AdaLoRA, AdaLoraTriplet
 from lowrank.adapters import init_adapters, merge, unmerge
+from lowrank.autodiff import forward_mode
 from lowrank.compression import CompressSpec, LowRankKernel, compress
 from lowrank.dora import DoRA, DoraPair
 from lowrank.init_quantized import init
@@ -47,12 +48,14 @@ __all__ = [
     "QuantizedArray",
     "UnsupportedLayer",
     "apply",
+    "autodiff",
     "combine",
     "compression",
     "compress",
     "dequantize",
     "dequantize_tree",
     "discover_layouts",
+    "forward_mode",
     "frozen",
     "init",
     "init_adapters",

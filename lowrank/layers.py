@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank.autodiff import custom_backward
+
 _LABELS = string.ascii_lowercase.replace("z", "")
 RANK_LABEL = "z"
 
@@ -164,11 +166,14 @@ def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Arra
     """``scale * (x @ a) @ b`` over the last axis of ``x``, never forming ``a @ b``.
 
     Differentiable in ``x``, ``a`` and ``b`` with a hand-written backward pass (see
-    ``_low_rank_bwd``).
+    ``_low_rank_bwd``); in reverse mode only, unless traced inside
+    ``lowrank.autodiff.forward_mode()``.
 
     >>> low_rank(jnp.ones((2, 3)), jnp.ones((3, 1)), jnp.ones((1, 4)), 0.5).shape
     (2, 4)
     """
+    if not custom_backward():  # forward-mode autodiff: the same product, JAX's derivatives
+        return _low_rank_fwd(x, a, b, float(scale))[0]
     return _low_rank(x, a, b, float(scale))
 
 

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank.autodiff import custom_backward
+
 
 @jax.custom_jvp
 def gelu_exact(x: jax.Array) -> jax.Array:
@@ -107,7 +109,8 @@ def dot_product_attention(
     softmax's Jacobian applied in closed form, with dot layouts that XLA's CPU kernels take
     without transposing the ``[t, s]`` matrices): 1.1x faster than autodiff of the same
     forward on a BERT training step, with less memory. Being a ``jax.custom_vjp``, it supports
-    reverse-mode differentiation only (``jax.jvp``/``jax.jacfwd`` through a model raise).
+    reverse-mode differentiation only; traced inside ``lowrank.autodiff.forward_mode()`` it
+    is plain JAX code that ``jax.jvp``/``jax.jacfwd`` differentiate.
 
     Args:
       query: ``[batch, q_len, heads, head_dim]``.
@@ -145,7 +148,8 @@ def dot_product_attention(
     keep = None
     if dropout is not None:
         keep = dropout(jnp.ones((b, kv_heads, group * t, s), value.dtype))
-    out = _attend(q, k, v, bias, keep)
+    attend = _attend if custom_backward() else lambda *args: _attend_fwd(*args)[0]
+    out = attend(q, k, v, bias, keep)
     return out.reshape(b, kv_heads, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
