@@ -43,6 +43,8 @@ HASHED_UNLESS_DEFAULT = {
     "lora.adalora.orth_reg_weight": 0.5,
     # model selection on validation and per-group learning rates (the results protocol)
     "eval.select": None, "optimizer.lr_multipliers": [],
+    # the dropout masks' generator (no committed run uses dropout, so their bits never mattered)
+    "dropout_prng": "hash",
 }
 
 _FIXED_COLUMNS = {

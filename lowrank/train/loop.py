@@ -212,7 +212,8 @@ def init_state(config: Any, task: Task) -> TrainState:
     def init(key, params):
         init_key, step_key = jax.random.split(key)
         trainable = init_adapters(init_key, params, spec, layouts=task.layouts)
-        return TrainState.create(cast_floating(trainable, param_dtype), tx, step_key)
+        return TrainState.create(cast_floating(trainable, param_dtype), tx, step_key,
+                                 config.get("dropout_prng", "hash"))
 
     return init(jax.random.key(config.seed), task.params)
 
@@ -256,7 +257,7 @@ def init_run(config: Any, task: Task) -> tuple[Any, TrainState]:
     frozen, trainable = init_with_base(init_key, task.params, spec, quant=task.quant,
                                        layouts=task.layouts)
     trainable = cast_floating(trainable, resolve_dtype(config.param_dtype))
-    return frozen, TrainState.create(trainable, tx, step_key)
+    return frozen, TrainState.create(trainable, tx, step_key, config.get("dropout_prng", "hash"))
 
 
 def train(config: Any, task: Task | None = None) -> TrainResult:

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from lowrank import prng
+
 
 @struct.dataclass
 class TrainState:
@@ -20,7 +22,8 @@ class TrainState:
 
     ``rng`` holds raw key data (``jax.random.key_data``), so the state checkpoints as plain
     arrays; each step derives its own key as ``fold_in(rng, step)``, which makes the random
-    stream a function of the step alone (exact resume).
+    stream a function of the step alone (exact resume). ``rng_impl`` (static) names the
+    generator of that key's bits (``lowrank.prng``: "threefry" or "hash").
 
     >>> tx = optax.sgd(0.1)
     >>> state = TrainState.create({"w": jnp.zeros(2)}, tx, jax.random.key(0))
@@ -32,13 +35,17 @@ class TrainState:
     opt_state: Any
     step: jax.Array
     rng: jax.Array
+    rng_impl: str = struct.field(pytree_node=False, default="threefry")
 
     @classmethod
-    def create(cls, trainable: Any, tx: optax.GradientTransformation, key: jax.Array):
-        """A fresh state at step 0 (``key`` may be a typed key or raw key data)."""
+    def create(cls, trainable: Any, tx: optax.GradientTransformation, key: jax.Array,
+               rng_impl: str = "threefry"):
+        """A fresh state at step 0 (``key`` may be a typed key or raw key data; its data
+        seeds the steps' keys, whose bits come from generator ``rng_impl``)."""
+        prng.impl(rng_impl)  # a ValueError naming the accepted generators
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
-        return cls(trainable, tx.init(trainable), jnp.zeros((), jnp.int32), key)
+        return cls(trainable, tx.init(trainable), jnp.zeros((), jnp.int32), key, rng_impl)
 
     def step_key(self) -> jax.Array:
         """The typed PRNG key of the current step.
@@ -47,4 +54,5 @@ class TrainState:
         >>> state.step_key().shape
         ()
         """
-        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+        key = jax.random.wrap_key_data(self.rng, impl=prng.impl(self.rng_impl))
+        return jax.random.fold_in(key, self.step)
