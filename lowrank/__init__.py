@@ -4,7 +4,7 @@
 >>> spec = lr.LoraSpec(rank=8, alpha=16, targets=r".*/(query|value)/kernel")
 """
 
-from lowrank import autodiff, compression, frozen, nnx, optim
+from lowrank import autodiff, compression, frozen, nnx, optim, prng
 from lowrank.adalora import AdaLoRA, AdaLoraTriplet
 from lowrank.adapters import init_adapters, merge, unmerge
 from lowrank.autodiff import forward_mode
@@ -65,6 +65,7 @@ __all__ = [
     "merge",
     "nnx",
     "optim",
+    "prng",
     "quantize",
     "quantize_tree",
     "unmerge",
