@@ -23,6 +23,7 @@ from report_tables import (
     paired_loss,
     rank_rows,
 )
+from report_variants import variant_lines
 
 from lowrank import stats, tuning
 
@@ -201,7 +202,7 @@ def perplexity_lines(runs: pd.DataFrame, name: str) -> list[str]:
 
 
 BUILDERS = {"rank_ablation": rank_lines, "quant_ablation": quant_lines, "lm_domain": lm_lines,
-            "quant_perplexity": perplexity_lines}
+            "quant_perplexity": perplexity_lines, "method_ablation": variant_lines}
 
 
 def summary_lines(frame: pd.DataFrame) -> list[str]:

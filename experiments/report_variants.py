@@ -112,3 +112,52 @@ def variant_table(frame: pd.DataFrame, experiment: str = "method_ablation") -> T
                + "with its 95% paired-bootstrap interval († where it excludes 0; otherwise "
                "within noise). Seconds per step: median over runs, on a shared 2-core CPU.")
     return Table(header, rows, caption)
+
+
+def _last_point_note(runs: pd.DataFrame) -> str:
+    """How many runs chose their last evaluation as the best one (still improving when
+    training stopped), from ``metric.best_step`` against ``config.steps``."""
+    if "metric.best_step" not in runs or runs["metric.best_step"].isna().all():
+        return ""
+    trained = runs[runs["config.method"].fillna("lora") != "none"]
+    last = int((trained["metric.best_step"] == trained["config.steps"]).sum())
+    return (f" The best validation point was the last evaluation in {last} of {len(trained)} "
+            "trained runs" + (" (still improving when the budget ended)." if last else "."))
+
+
+def variant_lines(runs: pd.DataFrame, name: str) -> list[str]:
+    """The README summary of a method comparison: each method against LoRA, paired, with the
+    verdict "within noise" or "beyond noise" (``report_summary``'s convention)."""
+    if runs.empty:
+        return []
+    names = runs.apply(variant_name, axis=1)
+    reference = runs[names.str.startswith("LoRA ")]
+    if reference.empty:
+        return []
+    lm = "metric.accuracy" not in runs or runs["metric.accuracy"].isna().all()
+    seeds = sorted(int(s) for s in runs["seed"].unique())
+    score = "test perplexity" if lm else "test accuracy"
+    lines = [f"**{name}** ({len(seeds)} seeds; {score} at the best validation point, each "
+             f"method's learning rate tuned on validation):"]
+    parts = []
+    for method in sorted(set(names) - set(names[reference.index]), key=_order):
+        sel = runs[names == method]
+        if lm:
+            d = paired_loss(sel, reference)
+            value = f"{sel['metric.perplexity'].mean():.3f}"
+            diff = "" if d is None else (
+                f", {d.difference:+.4f} nats/token [{d.low:+.4f}, {d.high:+.4f}]: "
+                + ("beyond noise" if d.excludes_zero else "within noise"))
+        else:
+            d = paired(sel, reference)
+            value = f"{100 * sel['metric.accuracy'].mean():.1f}%"
+            diff = "" if d is None else (
+                f", {100 * d.difference:+.1f} points [{100 * d.low:+.1f}, "
+                f"{100 * d.high:+.1f}]: " + ("beyond noise" if d.excludes_zero
+                                             else "within noise"))
+        parts.append(f"{method} {value}{diff}")
+    ref_value = (f"{reference['metric.perplexity'].mean():.3f}" if lm
+                 else f"{100 * reference['metric.accuracy'].mean():.1f}%")
+    lines.append(f"- Against {names[reference.index[0]]} ({ref_value}): " + "; ".join(parts)
+                 + "." + _last_point_note(runs))
+    return lines

@@ -101,3 +101,23 @@ def test_variant_names(lora, name):
     import pandas as pd
 
     assert report_variants.variant_name(pd.Series(row)) == name
+
+
+def test_summary_lines_say_within_or_beyond_noise_from_the_paired_interval():
+    import report_summary
+
+    db, name = results.ResultsDB(":memory:"), "method_ablation:lm"
+    rng = np.random.default_rng(2)
+    lora_nll = rng.uniform(10, 20, N)
+    noisy = lora_nll + rng.normal(0, 0.5, N)  # zero-mean noise
+    _write(db, {}, seed=0, lr=1e-3, val=2.0, nll=lora_nll, experiment=name)
+    _write(db, {"method": "dora"}, seed=0, lr=1e-3, val=2.0, nll=lora_nll + 2.0,
+           experiment=name)  # +0.2 nats per token in every window: beyond noise
+    _write(db, {"rslora": True}, seed=0, lr=1e-3, val=2.0, nll=noisy, experiment=name)
+    text = "\n".join(report_summary.summary_lines(db.frame("ok")))
+    assert "DoRA r=8 " in text and "+0.2000 nats/token [+0.2000, +0.2000]: beyond noise" in text
+    d = stats.paired_bootstrap(noisy / 10, lora_nll / 10)  # the same test, independently
+    verdict = "beyond noise" if d.excludes_zero else "within noise"
+    assert (f"rsLoRA r=8 {np.exp(np.sum(noisy) / (10 * N)):.3f}, {d.difference:+.4f} "
+            f"nats/token [{d.low:+.4f}, {d.high:+.4f}]: {verdict}") in text
+    assert "last evaluation" not in text  # these rows stored no best step
