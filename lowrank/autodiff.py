@@ -28,6 +28,8 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+__all__ = ["custom_backward", "forward_mode"]
+
 _FORWARD_MODE = contextvars.ContextVar("lowrank_forward_mode", default=False)
 
 

@@ -26,6 +26,8 @@ import jax.extend.random as jex_random
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["HASH", "IMPLS", "impl", "key", "rewrap"]
+
 IMPLS = ("hash", "threefry")
 """The generators :func:`key` makes: "hash" (this module's) and "threefry" (JAX's default)."""
 
@@ -65,6 +67,7 @@ HASH = jex_random.define_prng_impl(
     fold_in=lambda data, d: jax.random.key_data(jax.random.fold_in(_threefry(data), d)),
     name="lowrank_hash32",
 )
+"""The "hash" generator as a JAX PRNG implementation (``jax.random.key(seed, impl=HASH)``)."""
 
 
 def impl(name: str):
