@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.peers import lowrank_steps, minilm_step
+from benchmarks.peers import minilm_step
 from benchmarks.peers import variants as vs
 
 
@@ -114,6 +114,8 @@ def trace_ops(run, steps: int) -> dict[str, float]:
 
 
 def profile_ours(variant: vs.Variant, inputs: dict, steps: int) -> dict:
+    # jax is imported here, not at the top: the peer's profile runs where there is no jax.
+    from benchmarks.peers import lowrank_steps
     from lowrank import assets
 
     step = minilm_step.ours_step(variant, str(assets.minilm_dir()), inputs)
