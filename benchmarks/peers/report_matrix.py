@@ -125,7 +125,7 @@ def cross_run_table(runs: Mapping[str, Mapping]) -> str:
     lines = [f"Over {len(runs)} runs ({', '.join(runs)}):", "",
              "| configuration | dropout | dtype | ratio | runs | median | min | max |",
              "|---|---|---|---|--:|--:|--:|--:|"]
-    for label, v in values.items():
+    for label, v in sorted(values.items()):  # a cell's ratios together
         lines.append(f"| {label} | {len(v)} | **{float(np.median(v)):.2f}** | {min(v):.2f} | "
                      f"{max(v):.2f} |")
     return "\n".join(lines)
