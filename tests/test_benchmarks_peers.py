@@ -6,6 +6,7 @@ smoke runs of the scaling and GPU scripts at tiny sizes (slow tier).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -202,3 +203,141 @@ def test_report_orders_runs_by_number():
     files = [Path(f"peers_minilm_run{i}.json") for i in (10, 2, 1, 9)]
     assert [p.stem[-2:].lstrip("n") for p in sorted(files, key=_run_number)] == ["1", "2", "9",
                                                                                   "10"]
+
+
+# --- issue 19: the variant runs (which workers, which ratios, their tables) and the recipe step
+
+
+def test_variant_expansion_and_groups():
+    from benchmarks.peers import variants as vs
+
+    out = vs.expand(list(vs.CONFIGS), [True, False], list(vs.DTYPES), list(vs.PATHS),
+                    list(vs.PRNGS), list(vs.XLA_FLAGS))
+    # per cell: the peer, ours on 2 paths, 2 more XLA flag sets, and with dropout on the hash PRNG
+    assert len(out) == 4 * 2 * (6 + 5) and len(set(out)) == len(out)
+    assert all(vs.Variant.parse(v.name) == v for v in out)
+    assert not [v for v in out if v.prng == "hash" and not v.dropout]
+    assert {v.path for v in out if v.prng == "hash" or v.xla not in ("none", "-")} == {"step"}
+    groups = vs.groups(out, 8)
+    assert all(len(g) <= 8 for g in groups) and sum(map(len, groups)) == len(out)
+    assert all(len({v.cell for v in g}) == 1 for g in groups)  # 6 + 5 > 8: a cell per group
+    pairs = vs.pairs(out, "threefry", "none")
+    kinds = [k for k, _, _ in pairs]
+    assert kinds.count("ours/peer") == len(out) - 16 and kinds.count("prng") == 8
+    assert kinds.count("xla") == 2 * 16
+    assert all(n.cell == d.cell and d.framework == ("peer" if k == "ours/peer" else "ours")
+               for k, n, d in pairs)
+    # A pair whose denominator did not start (its worker failed) is left out.
+    assert not [p for p in vs.pairs(out[1:], "threefry", "none") if p[1].cell == out[0].cell
+                and p[0] == "ours/peer"]
+    with pytest.raises(ValueError, match="more than --max-workers 4"):
+        vs.groups(out, 4)
+    with pytest.raises(ValueError, match="unknown \\['fp8'\\]"):
+        vs.expand(["full"], [True], ["fp8"], ["step"], ["threefry"], ["none"])
+    with pytest.raises(ValueError, match="'fast' is not one of"):
+        vs.expand(["full"], [True], ["float32"], ["step"], ["threefry"], ["fast"])
+    assert vs.xla_flags("--xla_cpu_enable_fast_math=true") == "--xla_cpu_enable_fast_math=true"
+
+
+def _synthetic_run(scale: float) -> dict:
+    """A variant run as minilm_step writes it: ours' step ``scale`` x the peer's time per round
+    (the recipe 1.1x the step, the hash PRNG 0.5x, oneDNN 1.0x)."""
+    from benchmarks.peers import minilm_step
+    from benchmarks.peers import variants as vs
+
+    out = vs.expand(["lora_qv"], [True, False], ["float32"], ["step", "recipe"],
+                    ["threefry", "hash"], ["none", "onednn"])
+    peer = [1.0, 2.0, 4.0]  # drifting load: the ratios are taken round by round
+    factor = {"recipe": 1.1, "hash": 0.5}
+    records = {}
+    for v in out:
+        f = 1.0 if v.framework == "peer" else scale * factor.get(v.path, 1) * factor.get(v.prng, 1)
+        medians = [f * s for s in peer]
+        records[v.name] = {**dataclasses.asdict(v), "median_ms": 1e3 * medians[1],
+                           "round_medians": medians, "peak_above_baseline_mb": 100 * f,
+                           "xla_kinds": {"__ynn_fusion": 3}, "flag_warnings": [],
+                           "hlo_sha256": "b" if v.prng == "hash" else "a"}
+    meta = {"format": 2, "cpu": {"model": "AMD EPYC", "cpus": 2, "flags": ["avx512f"]},
+            "xla_flags_env": "", "load_before": [0.1, 0, 0], "load_after": [1.2, 0, 0],
+            "commit": "abc1234", "ours": {"jax": "0.10.2"}, "peer": {"torch": "2.13.0"},
+            "rounds": 3, "reps": 1, "baseline": {"prng": "threefry", "xla": "none"}}
+    return {"meta": meta, "variants": records, "failed": {"ours:x": "died\nUnknown flag"},
+            "ratios": minilm_step.ratios(records, "threefry", "none")}
+
+
+def test_report_ratio_tables_on_synthetic_runs():
+    from benchmarks.peers import report_matrix
+
+    run = _synthetic_run(0.8)
+    by_kind = {(r["kind"], r["num"].split(":", 2)[2]): r["ratio"] for r in run["ratios"]}
+    assert by_kind[("ours/peer", "dropout:float32:step:threefry:none")] == pytest.approx(0.8)
+    assert by_kind[("ours/peer", "dropout:float32:recipe:threefry:none")] == pytest.approx(0.88)
+    assert by_kind[("prng", "dropout:float32:step:hash:none")] == pytest.approx(0.5)
+    assert by_kind[("xla", "nodropout:float32:step:threefry:onednn")] == pytest.approx(1.0)
+    text = report_matrix.run_tables(run)
+    assert "AMD EPYC, 2 CPUs (avx512f)" in text and "load average [0.1, 0, 0] before" in text
+    assert "| lora_qv | on | float32 | 2000 | 1600 | **0.80** | 0.80 | 1760 | **0.88** | 0.88 |" \
+        in text
+    assert "| prng | lora_qv | on | float32 | step | hash | 1600 | 800 | **0.50** | no |" in text
+    assert ("| xla | lora_qv | off | float32 | step | onednn | 1600 | 1600 | **1.00** | yes | "
+            "__ynn_fusion x3 |") in text
+    assert "FAILED to start: ours:x: Unknown flag" in text
+    runs = {"a": run, "b": _synthetic_run(1.0), "c": _synthetic_run(1.3)}
+    cross = report_matrix.cross_run_table(runs)
+    assert "| lora_qv | on | float32 | ours step / peer | 3 | **1.00** | 0.80 | 1.30 |" in cross
+    assert "| lora_qv | on | float32 | step hash / threefry | 3 | **0.50** | 0.50 | 0.50 |" in cross
+
+
+def _tiny_bert_problem():
+    from benchmarks.peers import minilm_step
+    from lowrank import models
+
+    cfg = models.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=32)
+    model = models.BertForSequenceClassification(cfg, num_labels=5, pooling="pooler")
+    ids = jax.random.randint(jax.random.key(0), (8, 12), 1, 64, jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids).at[:, 9:].set(0),
+             "token_type_ids": jnp.zeros_like(ids), "labels": jnp.arange(8, dtype=jnp.int32) % 5}
+    params = model.init(jax.random.key(1), ids)["params"]
+    spec = lr.LoraSpec(rank=4, alpha=8, targets=minilm_step.OURS_TARGETS["qv"],
+                       trainable=r"classifier/.*")
+    quant = lr.QuantSpec("nf4", 16, double_quant=False, targets=r"bert/encoder/.*")
+    return model, params, batch, spec, quant
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_recipe_step_matches_the_lowrank_step(mode):
+    from functools import partial
+
+    from benchmarks.peers import recipe_step
+
+    model, params, batch, spec, quant = _tiny_bert_problem()
+    spec = None if mode == "full" else spec
+    losses = {}
+    for dropout in (False, True):
+        forward = partial(ls.bert_forward, dropout=dropout, prng_name="hash")
+        ours = ls.make_step(model, params, batch, forward, "classification", mode=mode,
+                            spec=spec, quant=quant)
+        recipe = recipe_step.make_recipe_step(model, params, batch, mode=mode, spec=spec,
+                                              quant=quant, dropout=dropout, prng_name="hash")
+        for step in (ours, recipe):
+            step.run(), step.run()
+            assert np.isfinite(step.losses).all() and step.losses[1] < step.losses[0] + 0.5
+        assert recipe.trainable_params == ours.trainable_params
+        losses[dropout] = ours.losses[0], recipe.losses[0]
+    # Dropout off: the same math on the same params (the same seed, the same adapters).
+    assert abs(losses[False][0] - losses[False][1]) < 1e-5
+    # Dropout on: both paths run it, and it changes the loss.
+    assert all(abs(a - b) > 1e-4 for a, b in zip(losses[True], losses[False], strict=True))
+
+
+def test_recipe_step_in_bfloat16_runs():
+    from benchmarks.peers import recipe_step
+
+    model, params, batch, spec, quant = _tiny_bert_problem()
+    step = recipe_step.make_recipe_step(model, params, batch, mode="lora", spec=spec,
+                                        dropout=True, compute_dtype=jnp.bfloat16)
+    step.run()
+    assert np.isfinite(step.losses[0])
+    with pytest.raises(ValueError, match="needs a LoraSpec"):
+        recipe_step.make_recipe_step(model, params, batch, mode="lora")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lowrank as lr
-from lowrank import paths
+from lowrank import paths, prng
 from lowrank import train as lt
 
 MODES = ("full", "lora", "qlora")
@@ -158,6 +158,19 @@ def make_step(
         jax.block_until_ready(holder["state"])
         losses.append(float(metrics["loss"]))
 
+    return describe(run, mode, trainable, frozen, state.opt_state, compiled, losses)
+
+
+def describe(run: Callable[[], None], mode: str, trainable: Any, frozen: Any, opt_state: Any,
+             compiled: Any, losses: list[float]) -> Step:
+    """The :class:`Step` of a compiled step and its initial trees (sizes read off the trees),
+    so that every step builder (this module's, ``recipe_step``'s) accounts alike.
+
+    >>> step = describe(lambda: None, "lora", {"w": jnp.ones(3)}, {}, {}, None, [])
+    >>> step.trainable_params, step.trainable_bytes, step.xla
+    (3, 12, {})
+    """
+
     def size(tree):
         return lr.memory_report(tree).bytes
 
@@ -168,8 +181,9 @@ def make_step(
         quantized_params=sum(int(x.size) for x in jax.tree.leaves(frozen, is_leaf=lr.is_quantized)
                              if lr.is_quantized(x)),
         frozen_bytes=size(frozen) if mode != "full" else 0,
-        trainable_bytes=size(trainable), opt_state_bytes=size(state.opt_state),
-        xla=_xla_memory(compiled), losses=losses, compiled=compiled,
+        trainable_bytes=size(trainable), opt_state_bytes=size(opt_state),
+        xla=_xla_memory(compiled) if compiled is not None else {}, losses=losses,
+        compiled=compiled,
     )
 
 
@@ -238,10 +252,19 @@ def model_flops(mode: str, n_matmul: int, tokens: int, adapter_params: int = 0) 
     raise ValueError(f"mode {mode!r} is not one of {MODES}")
 
 
-def bert_forward(model, frozen, trainable, batch, rng):
-    """A BERT classifier's forward on ``input_ids``, ``attention_mask``, ``token_type_ids``."""
+def bert_forward(model, frozen, trainable, batch, rng, *, dropout=False, prng_name="threefry"):
+    """A BERT classifier's forward on ``input_ids``, ``attention_mask``, ``token_type_ids``.
+
+    ``dropout=True`` runs the model's own dropout (``deterministic=False``: hidden and
+    attention-probability dropout, as torch's ``train()`` mode), drawing from ``rng`` re-made
+    as a key of generator ``prng_name`` (``lowrank.prng``); bind them with ``functools.partial``.
+
+    >>> forward = functools.partial(bert_forward, dropout=True, prng_name="hash")  # doctest: +SKIP
+    """
+    if rng is not None:
+        rng = prng.rewrap(rng, prng_name)
     return lr.apply(model, frozen, trainable, batch["input_ids"], batch["attention_mask"],
-                    batch["token_type_ids"], lora_rng=rng)
+                    batch["token_type_ids"], deterministic=not dropout, lora_rng=rng)
 
 
 def lm_forward(model, frozen, trainable, batch, rng):

@@ -9,7 +9,12 @@ the step's matmul FLOPs (XLA's cost analysis) at that rate.
 
 The peer (in the reference environment): ``torch.profiler``'s self time per aten op.
 
+``--dropout on`` profiles the step as users train (the model's dropout on; ours drawing its
+masks from ``--prng``, "threefry" or "hash"); ``--dtype`` and ``--path`` as in
+``minilm_step``.
+
     .venv/bin/python -m benchmarks.peers.profile_step --config lora_qv
+    .venv/bin/python -m benchmarks.peers.profile_step --config lora_qv --dropout on --prng hash
     taskset -c 0 .venv/bin/python -m benchmarks.peers.profile_step --config lora_qv
     /work/refenv/bin/python -m benchmarks.peers.profile_step --config lora_qv --peer \\
         --model-dir ~/.cache/lowrank/minilm-0.1.0
@@ -28,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.peers import lowrank_steps, minilm_step
+from benchmarks.peers import minilm_step
+from benchmarks.peers import variants as vs
 
 
 def category(body: str) -> str:
@@ -38,14 +44,17 @@ def category(body: str) -> str:
     'attention matmuls (+ fused softmax)'
     >>> category("%e = f32[2048,384]{1,0} exponential(%x)")
     'softmax (exp)'
+    >>> category("%x = u32[786432]{0} xor(%a, %b)")
+    'random bits (dropout)'
     """
     if re.search(r" (dot|convolution)\(", body):
-        if re.search(r"f32\[(\d+,)*128,128\]", body):
+        if re.search(r"(f32|bf16)\[(\d+,)*128,128\]", body):
             return "attention matmuls (+ fused softmax)"
-        if re.search(r"f32\[(\d+,)*8\]|f32\[8,", body):
+        if re.search(r"(f32|bf16)\[(\d+,)*8\]|(f32|bf16)\[8,", body):
             return "rank-8 matmuls (LoRA)"
         return "matmuls"
-    for label, pattern in (("GELU (erf)", r" erf\("), ("softmax (exp)", r" exponential\("),
+    for label, pattern in (("random bits (dropout)", r"u32\[[\d,]*\](\{[\d,]*\})? xor\("),
+                           ("GELU (erf)", r" erf\("), ("softmax (exp)", r" exponential\("),
                            ("lookups, dequantize", r" gather\(|[su]4\[|u8\["),
                            ("reductions (LayerNorm, loss, AdamW)", r" reduce\("),
                            ("transposes and copies", r" (transpose|copy)\(")):
@@ -104,10 +113,12 @@ def trace_ops(run, steps: int) -> dict[str, float]:
     return dict(total)
 
 
-def profile_ours(config: str, inputs: dict, steps: int) -> dict:
+def profile_ours(variant: vs.Variant, inputs: dict, steps: int) -> dict:
+    # jax is imported here, not at the top: the peer's profile runs where there is no jax.
+    from benchmarks.peers import lowrank_steps
     from lowrank import assets
 
-    step = minilm_step.ours_step(config, str(assets.minilm_dir()), inputs)
+    step = minilm_step.ours_step(variant, str(assets.minilm_dir()), inputs)
     for _ in range(2):
         step.run()
     times = []
@@ -120,7 +131,7 @@ def profile_ours(config: str, inputs: dict, steps: int) -> dict:
     flops = float(step.compiled.cost_analysis().get("flops", 0.0))
     tokens = minilm_step.BATCH * minilm_step.SEQ
     rate = lowrank_steps.matmul_rate(tokens, 384, 1536) / 1e9
-    return {"config": config, "step_ms": 1e3 * float(np.median(times)),
+    return {"variant": variant.name, "step_ms": 1e3 * float(np.median(times)),
             "op_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
             "xla_flops": flops, "matmul_gflops_per_s": rate,
             "floor_ms": 1e3 * flops / (rate * 1e9)}
@@ -129,6 +140,10 @@ def profile_ours(config: str, inputs: dict, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="lora_qv", choices=list(minilm_step.CONFIGS))
+    parser.add_argument("--dropout", default="off", choices=["on", "off"])
+    parser.add_argument("--prng", default="threefry", choices=vs.PRNGS, help="ours' dropout")
+    parser.add_argument("--dtype", default="float32", choices=vs.DTYPES)
+    parser.add_argument("--path", default="step", choices=vs.PATHS, help="ours' step")
     parser.add_argument("--steps", type=int, default=3, help="traced steps")
     parser.add_argument("--peer", action="store_true", help="profile the torch peer instead")
     parser.add_argument("--inputs", default="/tmp/minilm_step_inputs.npz",
@@ -142,14 +157,17 @@ def main() -> None:
         minilm_step.make_inputs(path)
     with np.load(path, allow_pickle=False) as f:
         inputs = {k: f[k] for k in f.files}
+    dropout = args.dropout == "on"
     if args.peer:
         if not args.model_dir:
             parser.error("--peer needs --model-dir (e.g. ~/.cache/lowrank/minilm-0.1.0)")
-        print(json.dumps(peer_profile(args.config, args.model_dir, inputs, args.steps), indent=1))
+        variant = vs.Variant("peer", args.config, dropout, args.dtype)
+        print(json.dumps(peer_profile(variant, args.model_dir, inputs, args.steps), indent=1))
         return
-    result = profile_ours(args.config, inputs, args.steps)
+    variant = vs.Variant("ours", args.config, dropout, args.dtype, args.path, args.prng, "none")
+    result = profile_ours(variant, inputs, args.steps)
     total = sum(result["op_ms"].values())
-    print(f"ours {args.config}: step {result['step_ms']:.0f} ms (median of 5); op time per "
+    print(f"ours {variant.name}: step {result['step_ms']:.0f} ms (median of 5); op time per "
           f"step {total:.0f} ms")
     for label, ms in result["op_ms"].items():
         print(f"  {label:38s} {ms:7.1f} ms  {100 * ms / total:5.1f}%")
@@ -158,12 +176,12 @@ def main() -> None:
           f"{result['matmul_gflops_per_s']:.0f} GFLOP/s: floor {result['floor_ms']:.0f} ms")
 
 
-def peer_profile(config: str, model_dir: str | None, inputs: dict, steps: int,
+def peer_profile(variant: vs.Variant, model_dir: str | None, inputs: dict, steps: int,
                  top: int = 12) -> dict:
     """The peer's step: wall time and ``torch.profiler`` self time of its top aten ops."""
     from torch.profiler import ProfilerActivity, profile
 
-    run, _ = minilm_step.peer_build(config, model_dir, inputs)
+    run, _ = minilm_step.peer_build(variant, model_dir, inputs)
     for _ in range(2):
         run()
     times = []
@@ -175,7 +193,7 @@ def peer_profile(config: str, model_dir: str | None, inputs: dict, steps: int,
         for _ in range(steps):
             run()
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
-    return {"config": config, "step_ms": 1e3 * float(np.median(times)),
+    return {"variant": variant.name, "step_ms": 1e3 * float(np.median(times)),
             "self_ms_per_step": {e.key: e.self_cpu_time_total / 1e3 / steps for e in rows}}
 
 

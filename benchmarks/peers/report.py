@@ -1,6 +1,12 @@
 """Markdown tables of the issue-10 benchmarks, generated from their JSON (never typed by hand).
 
+The peers' runs come in two formats: issue 10's (``peers_minilm_run*.json``: dropout off,
+float32, one table per configuration) and the variant runs of issue 19
+(``peers_variants_run*.json``, ``"format": 2``: tables by ``report_matrix``, and a cross-run
+median table when there are several).
+
     .venv/bin/python -m benchmarks.peers.report                       # all that exist
+    .venv/bin/python -m benchmarks.peers.report --peers /tmp/a.json /tmp/b.json
     .venv/bin/python -m benchmarks.peers.report --gpu OUTDIR/gpu_bench.json
 """
 
@@ -10,6 +16,8 @@ import argparse
 import json
 import re
 from pathlib import Path
+
+from benchmarks.peers import report_matrix
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
 
@@ -107,23 +115,37 @@ def _run_number(path: Path) -> tuple[int, str]:
     return (int(digits.group(1)) if digits else -1, path.stem)
 
 
+def _old_peers_tables(runs: dict[str, dict]) -> str:
+    return peers_runs_table(runs) + "\n\n" + peers_table(runs[list(runs)[-1]])
+
+
+def _variant_tables(runs: dict[str, dict]) -> str:
+    last = list(runs)[-1]
+    parts = [f"{last}:", "", report_matrix.run_tables(runs[last])]
+    if len(runs) > 1:
+        parts += ["", report_matrix.cross_run_table(runs)]
+    return "\n".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", nargs="*", help="minilm_step JSONs (default: "
-                        "figures/peers_minilm*.json); the last one gets the full table")
+                        "figures/peers_minilm*.json and figures/peers_variants*.json); the "
+                        "last one of each format gets the full table")
     parser.add_argument("--scaling", default=str(FIGURES / "scaling.json"))
     parser.add_argument("--gpu", default=str(FIGURES / "gpu_bench.json"))
     args = parser.parse_args()
-    peers = args.peers or [str(p) for p in sorted(FIGURES.glob("peers_minilm*.json"),
-                                                  key=_run_number)]
-    if peers:
-        runs = {Path(p).stem: json.loads(Path(p).read_text()) for p in peers}
-        print("<!-- generated from " + ", ".join(Path(p).name for p in peers)
-              + " by benchmarks/peers/report.py -->")
-        print(peers_runs_table(runs))
-        print()
-        print(peers_table(runs[Path(peers[-1]).stem]))
-        print()
+    peers = args.peers or [str(p) for pattern in ("peers_minilm*.json", "peers_variants*.json")
+                           for p in sorted(FIGURES.glob(pattern), key=_run_number)]
+    loaded = {Path(p).stem: (p, json.loads(Path(p).read_text())) for p in peers}
+    old = {k: d for k, (_, d) in loaded.items() if d.get("meta", {}).get("format", 1) == 1}
+    new = {k: d for k, (_, d) in loaded.items() if k not in old}
+    for runs, tables in ((old, _old_peers_tables), (new, _variant_tables)):
+        if runs:
+            print("<!-- generated from " + ", ".join(Path(loaded[k][0]).name for k in runs)
+                  + " by benchmarks/peers/report.py -->")
+            print(tables(runs))
+            print()
     for path, table in ((args.scaling, scaling_table), (args.gpu, gpu_table)):
         if Path(path).is_file():
             print(f"<!-- generated from {Path(path).name} by benchmarks/peers/report.py -->")

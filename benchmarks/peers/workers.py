@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,23 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+def cpu_info() -> dict:
+    """The CPU (``lscpu``'s "Model name"), its vector-ISA flags that matter to matmul kernels
+    (``avx512*``, ``amx*``), and the core count: what step times depend on.
+
+    >>> sorted(cpu_info())
+    ['cpus', 'flags', 'model']
+    """
+    try:
+        text = subprocess.run(["lscpu"], check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        text = ""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    return {"model": fields.get("Model name", "").strip() or None, "cpus": os.cpu_count(),
+            "flags": sorted(f for f in flags if f.startswith(("avx512", "amx")))}
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -100,19 +118,29 @@ class Worker:
     >>> w.info["rss_baseline"], w.run(3)["times"]  # doctest: +SKIP
     """
 
-    def __init__(self, cmd: Sequence[str]):
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+    def __init__(self, cmd: Sequence[str], env: Mapping[str, str] | None = None):
+        # stderr goes to a file, so that a worker that dies (a flag XLA rejects) can be
+        # reported with its last words while the other workers carry on.
         self.cmd = list(cmd)
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, cwd=REPO)
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+            text=True, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=REPO)
         self.info = self._reply()
+
+    def stderr_lines(self) -> list[str]:
+        """What the worker has written to stderr so far, line by line."""
+        # A new open file description: seeking the shared one would move the worker's writes.
+        with open(f"/proc/self/fd/{self.stderr.fileno()}") as f:
+            return f.read().splitlines()
 
     def _reply(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
+            tail = "\n".join(self.stderr_lines()[-15:])
             raise RuntimeError(f"worker {' '.join(self.cmd)} exited with code {code} before "
-                               "answering (its stderr is above)")
+                               f"answering; its stderr ends:\n{tail}")
         return json.loads(line)
 
     def run(self, n: int) -> dict:
@@ -122,8 +150,10 @@ class Worker:
         return self._reply()
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
         self.proc.wait()
+        self.stderr.close()
 
 
 def alternate(workers: Mapping[str, Worker], rounds: int, reps: int) -> dict[str, dict]:
