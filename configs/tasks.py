@@ -26,7 +26,7 @@ import numpy as np
 
 import lowrank as lr
 from configs.common import QUANT_TARGETS, TARGET_SETS, check_experiment_fields
-from lowrank import compression, data, models, quant
+from lowrank import compression, data, models, quant, stack
 from lowrank import frozen as frozen_leaves
 from lowrank.assets import cache_dir, minilm_dir
 from lowrank.train import Task, default_config, load_task, train
@@ -442,6 +442,22 @@ def lm_domain(config: Any) -> Task:
 
 
 FACTORIES = {"configs.tasks:bbc_classifier": _bbc, "configs.tasks:lm_domain": _lm}
+
+
+def stack_member_keys(config: Any) -> tuple[str, ...]:
+    """The fields in which runs of ``config``'s task may differ inside one stack: the library's
+    ``lowrank.stack.MEMBER_KEYS`` and ``adapt`` (which only sets ``lora.targets``), less the
+    seed when the task draws the head from it (``model.head_init = "seed"``: the shared task
+    holds one head, so such a stack holds one seed).
+
+    >>> from configs.rank_ablation import get_config
+    >>> "seed" in stack_member_keys(get_config("quick")), "seed" in stack_member_keys(get_config())
+    (True, False)
+    """
+    keys = (*stack.MEMBER_KEYS, "adapt")
+    if config.get("model", {}).get("head_init", "fixed") == "seed":
+        keys = tuple(k for k in keys if k != "seed")
+    return keys
 
 
 def build(config: Any) -> tuple[Task, BaseInfo]:

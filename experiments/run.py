@@ -248,7 +248,7 @@ def measure_stacked(configs: list, start: float, workdir: str | None = None
     """
     resolved = [tasks.training_config(c) for c in configs]
     task, info = tasks.build(resolved[0])
-    outs = stack.train_stacked(resolved, task, member_keys=(*stack.MEMBER_KEYS, "adapt"),
+    outs = stack.train_stacked(resolved, task, member_keys=tasks.stack_member_keys(configs[0]),
                                workdir=workdir)
     return [f"{type(out).__name__}: {out}" if isinstance(out, Exception)
             else _row(config, out, info, start, stack_size=len(configs))

@@ -110,10 +110,6 @@ def groups_of(config, pending: list[tuple[dict, str]], batch: int) -> list[list[
     (one group per run when ``batch`` is 1)."""
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
-    if batch > 1 and config.eval.get("select", None) is not None:
-        tqdm.write(f"sweep.py: --batch={batch} ignored: runs that select on validation "
-                   f"(config.eval.select {config.eval.select!r}) are not stacked yet")
-        batch = 1
     if batch == 1:
         return [[i] for i in range(len(pending))]
     from configs import tasks
@@ -121,7 +117,7 @@ def groups_of(config, pending: list[tuple[dict, str]], batch: int) -> list[list[
 
     resolved = [tasks.training_config(results.apply_overrides(config, o)) for o, _ in pending]
     return stack.group_compatible(resolved, max_size=batch,
-                                  member_keys=(*stack.MEMBER_KEYS, "adapt"))
+                                  member_keys=tasks.stack_member_keys(config))
 
 
 def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experiment: str,

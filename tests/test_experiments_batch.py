@@ -1,5 +1,6 @@
 """experiments/sweep.py --batch: compatible runs trained as one stack, one row each, with the
-same results as the runs trained one by one."""
+same results as the runs trained one by one, selection on validation included (the best
+point, its test metrics and each test example's prediction)."""
 
 import subprocess
 import sys
@@ -21,6 +22,7 @@ def get_config(arg=None):
     config.lora.targets = r"hidden_\\d+/kernel"
     config.lora.trainable = r"head/.*"
     config.steps, config.batch_size = 4, 8
+    config.eval.every, config.eval.select = 2, "accuracy"
     config.lock()
     return config
 
@@ -49,6 +51,9 @@ def test_batched_sweep_writes_one_row_per_run_equal_to_the_unbatched_sweep(tmp_p
     single = _sweep(config, tmp_path / "single.sqlite")
     assert len(stacked) == 4 and stacked.keys() == single.keys()
     for h, row in stacked.items():
-        for metric in ("metric.accuracy", "metric.loss", "metric.train_loss"):
+        for metric in ("metric.accuracy", "metric.loss", "metric.train_loss",
+                       "metric.val_accuracy", "metric.val_loss", "metric.final_val_loss"):
             np.testing.assert_allclose(row[metric], single[h][metric], atol=1e-4, err_msg=metric)
+        assert row["metric.best_step"] == single[h]["metric.best_step"]
+        assert row["predictions"] == single[h]["predictions"] and row["predictions"]
         assert row["trainable_params"] == single[h]["trainable_params"]

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,8 +27,8 @@ import numpy as np
 from lowrank import results
 from lowrank.stack.checkpoint import StackCheckpoints
 from lowrank.stack.layout import stack_states, unstack_states
+from lowrank.stack.selection import member_metrics, stack_selector
 from lowrank.stack.step import make_stacked_eval_step, make_stacked_train_step
-from lowrank.train.evaluate import evaluate
 from lowrank.train.loop import TrainResult, adamw_arguments, check_config, init_state, optimizer
 from lowrank.train.precision import resolve_dtype
 from lowrank.train.step import make_loss_fn
@@ -133,9 +133,6 @@ optimizer.end_learning_rate, optimizer.weight_decay, optimizer.b1, optimizer.b2,
 def _check_stackable(configs: Sequence[Any]) -> None:
     for i, config in enumerate(configs):
         check_config(config)
-        if config.eval.get("select", None) is not None:
-            raise ValueError(f"run {i}: config.eval.select {config.eval.select!r}: stacks do not "
-                             "select a best validation point yet; train such runs one by one")
         if config.parallel.mode != "jit":
             raise ValueError(f"run {i}: config.parallel.mode {config.parallel.mode!r} is not "
                              "stackable; stacks run with parallel.mode='jit'")
@@ -215,8 +212,9 @@ def train_stacked(
     _check_stackable(configs)
     first = configs[0]
     task = task if task is not None else load_task(first)
-    loss_fn = make_loss_fn(task.model, task.forward, task.loss,
-                           compute_dtype=resolve_dtype(first.compute_dtype), remat=first.remat)
+    compute_dtype = resolve_dtype(first.compute_dtype)
+    loss_fn = make_loss_fn(task.model, task.forward, task.loss, compute_dtype=compute_dtype,
+                           remat=first.remat)
     schedules_txs = [optimizer(c) for c in configs]
     states = _init_states(configs, task)
     templates = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s)
@@ -229,8 +227,14 @@ def train_stacked(
         micro_batches=first.micro_batches, per_member_batches=len(set(seeds)) > 1,
     ), donate_argnums=0)
     frozen = task.params
+    eval_step = jax.jit(make_stacked_eval_step(loss_fn))
+
+    def evaluate_members(stacked, batches):
+        return member_metrics(eval_step, stacked, frozen, batches)
+
     checkpoints = start = None
     progress = {"last_metrics": [{} for _ in configs], "non_finite": [None for _ in configs]}
+    evals = None
     try:
         if workdir is not None:
             checkpoints = StackCheckpoints(workdir, configs, task.params,
@@ -239,16 +243,23 @@ def train_stacked(
             if restored is not None:
                 stacked, start, progress = restored
         start = start or 0
+        selector = stack_selector(configs, task, evaluate_members, compute_dtype,
+                                  progress.get("best"))
         history, started, cpu_started = [], None, None
-        every = first.checkpoint.every
+        every, eval_every = first.checkpoint.every, first.eval.every if selector else 0
         for i in range(start, first.steps):
             stacked, metrics = step(stacked, frozen, _stack_batches(task, seeds, i))
             history.append((i + 1, metrics))
             if i == start:  # the first step includes compilation: time the rest
                 jax.block_until_ready(metrics)
                 started, cpu_started = time.perf_counter(), time.process_time()
+            if eval_every and (i + 1) % eval_every == 0:  # before the checkpoint: it keeps
+                evals = evaluate_members(stacked, task.eval_batches())  # the best points
+                selector.observe(i + 1, stacked, frozen, evals)
             if checkpoints is not None and ((i + 1) % every == 0 or i + 1 == first.steps):
                 progress = _progress(progress, history)
+                if selector is not None:
+                    progress["best"] = selector.to_json()
                 history = []
                 checkpoints.save(i + 1, stacked, progress)
         jax.block_until_ready(stacked)
@@ -259,7 +270,11 @@ def train_stacked(
     loop_seconds = time.perf_counter() - started if started is not None else 0.0
     loop_cpu_seconds = time.process_time() - cpu_started if started is not None else 0.0
     timed_steps = max(first.steps - start - 1, 0)
-    evals = _evaluate(task, stacked, frozen, loss_fn)
+    if task.eval_batches is not None and (
+            evals is None or not eval_every or first.steps % eval_every):
+        evals = evaluate_members(stacked, task.eval_batches())
+        if selector is not None:
+            selector.observe(first.steps, stacked, frozen, evals)
     out: list[TrainResult | NonFiniteLoss] = []
     for k, state in enumerate(unstack_states(stacked, templates)):
         if progress["non_finite"][k] is not None:
@@ -269,7 +284,8 @@ def train_stacked(
         metrics["step_seconds"] = loop_seconds / timed_steps if timed_steps else float("nan")
         fields = dict(state=state, metrics=metrics, eval_metrics=evals[k] if evals else None,
                       start_step=start, loop_seconds=loop_seconds,
-                      loop_cpu_seconds=loop_cpu_seconds, timed_steps=timed_steps, workdir=None)
+                      loop_cpu_seconds=loop_cpu_seconds, timed_steps=timed_steps, workdir=None,
+                      best=selector.best[k] if selector is not None else None)
         out.append(TrainResult(**{f: fields[f] for f in _RESULT_FIELDS if f in fields}))
     return out
 
@@ -285,20 +301,4 @@ def _progress(progress: dict, history: list[tuple[int, Any]]) -> dict:
             if bad[k] is None and not math.isfinite(loss):
                 bad[k] = [done, loss]
             last[k] = {name: float(value[k]) for name, value in metrics.items()}
-    return {"last_metrics": last, "non_finite": bad}
-
-
-def _evaluate(task: Task, stacked, frozen, loss_fn) -> list[dict[str, float]] | None:
-    """Each member's evaluation metrics, from one stacked pass over the eval batches."""
-    if task.eval_batches is None:
-        return None
-    eval_step = jax.jit(make_stacked_eval_step(loss_fn))
-    per_batch = [jax.device_get(eval_step(stacked, frozen, b)) for b in task.eval_batches()]
-
-    def member(k: int) -> list[Mapping[str, float]]:
-        return [{name: v[k] for name, v in m.items()} for m in per_batch]
-
-    # ``evaluate`` combines batches by their weights; here each "batch" is already the
-    # member's metrics of that batch, so the step hands it back.
-    return [evaluate(lambda _t, _f, metrics: metrics, None, None, member(k))
-            for k in range(stacked.size)]
+    return {**progress, "last_metrics": last, "non_finite": bad}
