@@ -27,6 +27,7 @@ from report_tables import (
 )
 
 ORDER = ("LoRA", "rsLoRA", "DoRA", "VeRA", "AdaLoRA", "PiSSA", "LoftQ")
+EDGE_MARKS = {"high": " ↑", "low": " ↓"}  # lowrank.tuning's grid_edge
 
 
 def _get(row: pd.Series, key: str, default=None):
@@ -85,6 +86,7 @@ def variant_table(frame: pd.DataFrame, experiment: str = "method_ablation") -> T
         sel = runs[names == name]
         rates = sorted(set(sel["config.optimizer.learning_rate"].dropna()))
         trained = _get(sel.iloc[0], "config.method", "lora") != "none"
+        edge = EDGE_MARKS.get(str(_get(sel.iloc[0], "grid_edge", "")), "")
         if lm:
             cell = mean_std(sel["metric.perplexity"].tolist(), scale=1.0, digits=3)
             diff = loss_difference_text(paired_loss(sel, reference))
@@ -93,7 +95,7 @@ def variant_table(frame: pd.DataFrame, experiment: str = "method_ablation") -> T
             diff = difference_text(paired(sel, reference))
         steps = sel["step_seconds"].dropna()
         rows.append([name, f"{int(sel['trainable_params'].iloc[0]):,}",
-                     ", ".join(f"{r:g}" for r in rates) if trained else "–", cell,
+                     ", ".join(f"{r:g}" for r in rates) + edge if trained else "–", cell,
                      "" if lm else interval_text(sel),
                      "" if sel.index.equals(reference.index) else diff,
                      f"{steps.median():.3f}" if len(steps) else "–"])
@@ -111,6 +113,9 @@ def variant_table(frame: pd.DataFrame, experiment: str = "method_ablation") -> T
                   "and the paired difference from LoRA ")
                + "with its 95% paired-bootstrap interval († where it excludes 0; otherwise "
                "within noise). Seconds per step: median over runs, on a shared 2-core CPU.")
+    if any(r[2].endswith(tuple(EDGE_MARKS.values())) for r in rows):
+        caption += (" ↑ / ↓: the highest / lowest rate of the method's grid was chosen, so its "
+                    "best rate may lie beyond the grid.")
     return Table(header, rows, caption)
 
 
@@ -159,5 +164,20 @@ def variant_lines(runs: pd.DataFrame, name: str) -> list[str]:
     ref_value = (f"{reference['metric.perplexity'].mean():.3f}" if lm
                  else f"{100 * reference['metric.accuracy'].mean():.1f}%")
     lines.append(f"- Against {names[reference.index[0]]} ({ref_value}): " + "; ".join(parts)
-                 + "." + _last_point_note(runs))
+                 + "." + _last_point_note(runs) + _edge_note(runs, names))
     return lines
+
+
+def _edge_note(runs: pd.DataFrame, names: pd.Series) -> str:
+    """Which methods chose the highest or lowest rate of their grid (``grid_edge``)."""
+    if "grid_edge" not in runs:
+        return ""
+    tuned = runs["grid_size"].fillna(1) > 1 if "grid_size" in runs else names == names
+    edges = {name: runs[(names == name) & tuned]["grid_edge"].iloc[0]
+             for name in set(names[tuned])}
+    at = sorted((n for n, e in edges.items() if e in EDGE_MARKS), key=_order)
+    if not at:
+        return ""
+    return (f" {len(at)} of {len(edges)} methods chose the highest or lowest rate of their grid"
+            f" ({', '.join(f'{n}: {edges[n]}' for n in at)}), so their best rate may lie "
+            "beyond it.")

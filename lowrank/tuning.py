@@ -80,7 +80,8 @@ SELECT = "config.eval.select"
 def tuned(frame: Any, *, tuned_keys: Sequence[str] = (LEARNING_RATE,),
           metric: str | None = None, **kwargs: Any) -> Any:
     """The rows of ``frame`` at each cell's chosen values (every seed), with a column
-    ``grid_size`` (how many values the cell tried). ``metric`` None: each row's
+    ``grid_size`` (how many values the cell tried) and ``grid_edge`` ("high" / "low" when the
+    choice is the largest / smallest of three or more values tried). ``metric`` None: each row's
     ``config.eval.select`` names it (:data:`SELECTED_ON`; validation accuracy for rows without
     one). Without ``metric`` (runs that did not evaluate on validation) or a tuned key in
     ``frame``, ``frame`` as it is: nothing to choose.
@@ -122,4 +123,16 @@ def tuned(frame: Any, *, tuned_keys: Sequence[str] = (LEARNING_RATE,),
     out = frame[keep].copy()
     out["grid_size"] = [frame[labels == label][list(tuned_keys)].drop_duplicates().shape[0]
                         for label in labels[keep]]
+    out["grid_edge"] = [_edge(frame[labels == label][tuned_keys[0]], value[0])
+                        if len(tuned_keys) == 1 else ""
+                        for label, value in zip(labels[keep], values[keep], strict=True)]
     return out
+
+
+def _edge(tried: Any, chosen: Any) -> str:
+    """"high" / "low" when ``chosen`` is the largest / smallest of three or more values
+    ``tried`` (the best value may lie beyond the grid), else ""."""
+    values = sorted(set(tried))
+    if len(values) < 3:
+        return ""
+    return "high" if chosen == values[-1] else "low" if chosen == values[0] else ""

@@ -121,3 +121,16 @@ def test_summary_lines_say_within_or_beyond_noise_from_the_paired_interval():
     assert (f"rsLoRA r=8 {np.exp(np.sum(noisy) / (10 * N)):.3f}, {d.difference:+.4f} "
             f"nats/token [{d.low:+.4f}, {d.high:+.4f}]: {verdict}") in text
     assert "last evaluation" not in text  # these rows stored no best step
+
+
+def test_a_rate_chosen_at_the_edge_of_its_grid_is_marked():
+    db, name = results.ResultsDB(":memory:"), "method_ablation"
+    correct = np.ones(N, int)
+    for lr, val in ((3e-4, 0.7), (1e-3, 0.8), (3e-3, 0.9)):  # the highest rate wins
+        _write(db, {}, seed=0, lr=lr, val=val, correct=correct, experiment=name)
+    for lr, val in ((3e-4, 0.7), (1e-3, 0.9), (3e-3, 0.8)):  # inside the grid
+        _write(db, {"method": "dora"}, seed=0, lr=lr, val=val, correct=correct, experiment=name)
+    table = dict(report.report(db.frame("ok")))["tab:variants"]
+    rows = {r[0]: r for r in table.rows}
+    assert rows["LoRA r=8"][2] == "0.003 ↑" and rows["DoRA r=8"][2] == "0.001"
+    assert "↑ / ↓: the highest / lowest rate" in table.caption
