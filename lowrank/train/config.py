@@ -27,7 +27,9 @@ def default_config() -> ml_collections.ConfigDict:
         ``tensorboard/``) and the adapters export (``adapters/``) go; None writes nothing.
       quiet: no progress bar (sweeps).
       compute_dtype: "auto" (float32 on CPU, bfloat16 on GPU/TPU), "float32", "bfloat16",
-        "float16": the dtype of the forward and backward pass.
+        "float16": the dtype of the forward and backward pass. On CPU "auto" is float32
+        because XLA:CPU computes bfloat16 dots in float32 (measured on AVX512-BF16 and AMX
+        CPUs: ``benchmarks/RESULTS.md``), so bfloat16 only adds conversions there.
       param_dtype: the dtype in which the trainable tree and its optimizer state are kept.
       remat: recompute the forward pass in the backward pass instead of storing activations.
       lora.*: the :class:`lowrank.LoraSpec` fields (rank, alpha, targets, exclude,
