@@ -166,8 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if others:
         listing = ", ".join(f"{name!r} ({n} runs)" for name, n in sorted(others.items()))
         print(f"\nno table family for experiments {listing}: tables are made for experiments "
-              "named rank_ablation, quant_ablation, lm_domain or quant_perplexity (with any "
-              "':variant'); "
+              "named rank_ablation, quant_ablation, lm_domain, quant_perplexity or "
+              "method_ablation (with any ':variant'); "
               "file runs under one with --experiment")
     if args.out:
         _write_outputs(Path(args.out), frame, tables, markdown, args)
