@@ -23,6 +23,8 @@ PINS=(
   "lm_domain|4603a78b87f48dbebfa581ab9ab562c8b1b38cb1|\$PY experiments/sweep.py --config=configs/lm_domain.py --seeds=2 --db=\$DB --workdir=\$RUNS"
   "quant_perplexity|ad552972802cff2845967dccbd92452ae250868c|\$PY experiments/sweep.py --config=configs/quant_perplexity.py --db=\$DB"
   "lm_domain:types|ad552972802cff2845967dccbd92452ae250868c|\$PY experiments/sweep.py --config=configs/lm_domain.py --seeds=2 --db=\$DB --experiment=lm_domain:types '--config.sweep.data_types=(\"none\",\"int8\",\"int4\",\"fp4\",\"nf4\")'"
+  "method_ablation|52423a71dd3ac3e7dd81bb1f3132bf7c3c009a65|\$PY experiments/tune.py --config=configs/method_ablation.py --seeds=3 --db=\$DB --workdir=\$RUNS"
+  "method_ablation:lm|b29ab201ad4bb603de67fc9c8d64509731063d33|\$PY experiments/tune.py --config=configs/method_ablation.py:lm --seeds=3 --db=\$DB --workdir=\$RUNS"
 )
 
 # The pins must be the commits runs.csv records, experiment by experiment.
