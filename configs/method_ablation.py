@@ -52,8 +52,6 @@ METHODS = {
 GRIDS = {"vera": "vera", "full": "full", "head": "head", "none": None}
 """The learning-rate grid of ``protocol.LEARNING_RATES`` each method takes ("lora" if absent;
 None: nothing trained, nothing to tune)."""
-LM_TRAIN_WINDOWS = 3272  # English training windows of 128 bytes (lowrank.data.lm_windows)
-LM_EVAL_WINDOWS = 160  # validation and test each; 342 held-out windows in all
 LM_FULL_RATES = (3e-5, 1e-4, 3e-4)
 
 
@@ -87,15 +85,8 @@ def _lm(tiny: bool) -> ml_collections.ConfigDict:
     config = lm_config("tiny" if tiny else None)
     with config.unlocked():
         config.sweep.methods = tuple(m for m in METHODS if m != "head")
-        protocol.apply(config, epochs=1, train_examples=32 if tiny else LM_TRAIN_WINDOWS)
-        config.eval.every = max(1, config.eval.every // 4)
-        config.eval.select = "perplexity"
-        config.data.eval_windows = 6 if tiny else LM_EVAL_WINDOWS
-        config.sweep.learning_rates.full = LM_FULL_RATES
-        del config["head_learning_rate"]  # no new head
-        if tiny:
-            for name, rates in config.sweep.learning_rates.items():
-                config.sweep.learning_rates[name] = rates[1:]
+        protocol.apply_lm(config, tiny=tiny)
+        config.sweep.learning_rates.full = LM_FULL_RATES[1:] if tiny else LM_FULL_RATES
     config.lock()
     return config
 

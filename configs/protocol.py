@@ -78,6 +78,33 @@ def apply(config: ml_collections.ConfigDict, *, epochs: int, train_examples: int
     config.sweep.scales = SCALES
 
 
+LM_TRAIN_WINDOWS = 3272  # English training windows of 128 bytes (lowrank.data.lm_windows)
+LM_EVAL_WINDOWS = 160  # validation and test each; 342 held-out windows in all
+
+
+def apply_lm(config: ml_collections.ConfigDict, *, tiny: bool = False) -> None:
+    """Sets an LM-task config (``configs/lm_domain.py``, unlocked) to the protocol: one epoch
+    over the English training windows (cosine to 0), validation perplexity every quarter epoch
+    on the first ``data.eval_windows`` held-out windows, test perplexity on the next as many at
+    the best one; no new head. ``tiny``: the tiny model's windows, two rates per grid.
+
+    >>> from configs.lm_domain import get_config
+    >>> c = get_config()
+    >>> with c.unlocked():
+    ...     apply_lm(c)
+    >>> c.steps, c.eval.every, c.eval.select, c.data.eval_windows
+    (204, 51, 'perplexity', 160)
+    """
+    apply(config, epochs=1, train_examples=32 if tiny else LM_TRAIN_WINDOWS)
+    config.eval.every = max(1, config.eval.every // 4)
+    config.eval.select = "perplexity"
+    config.data.eval_windows = 6 if tiny else LM_EVAL_WINDOWS
+    del config["head_learning_rate"]  # no new head
+    if tiny:
+        for name, rates in config.sweep.learning_rates.items():
+            config.sweep.learning_rates[name] = rates[1:]
+
+
 def lr_grid(config: ml_collections.ConfigDict, method: str) -> list[dict]:
     """``[{"optimizer.learning_rate": lr}, ...]`` over the method's grid (one entry, the
     config's own rate, without a grid).

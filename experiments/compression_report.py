@@ -1,13 +1,18 @@
-"""The compression ablation's table, Pareto figure and comparisons at equal size, generated
-from the results database (or its CSV export) of ``configs/compress_ablation.py``.
+"""The compression ablation's tables, Pareto figures and comparisons at equal size, generated
+from the results database (or its CSV export) of ``configs/compress_ablation.py`` (MiniLM on
+BBC News) and ``configs/compress_ablation.py:lm`` (the LM task).
 
-    python experiments/compression_report.py --db=workdir/compression.sqlite \
+    python experiments/compression_report.py --db=workdir/protocol.sqlite \
         --out=experiments/results
 
-writes ``compression.md`` (the table, the equal-size comparisons, how it was made),
-``compression_pareto.png`` and ``compression_runs.csv``. The x axis is the bits stored per
-encoder-kernel parameter (codes, scales and factors over the dense kernels' parameter count:
-the same kernels in every base, so equal bits are equal bytes).
+writes ``compression_table.md`` (one table per experiment and the equal-size comparisons),
+``compression_pareto.png`` (one panel per experiment) and ``compression_runs.csv`` (every
+finished row of both, every learning rate tried). Each setting's rows are those at the
+learning rate chosen on validation (``lowrank.tuning.tuned``); scores are mean ± std over
+seeds; differences are paired over the test examples (articles, or windows' mean loss) with
+95% paired-bootstrap intervals, "within noise" where the interval holds 0. The x axis is the
+bits stored per transformer-kernel parameter (codes, scales and factors over the dense
+kernels' parameter count: the same kernels in every base, so equal bits are equal bytes).
 """
 
 from __future__ import annotations
@@ -24,10 +29,22 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from report import Table, load_runs, to_markdown  # noqa: E402
+from report import load_runs, to_markdown  # noqa: E402
+from report_tables import (  # noqa: E402
+    Table,
+    difference_text,
+    experiment_runs,
+    loss_difference_text,
+    mean_std,
+    paired,
+    paired_loss,
+)
 
-EXPERIMENT = "compress_ablation"
-RECOVERY = {"head": "head only", "lora": "LoRA r=8"}
+from lowrank import stats, tuning  # noqa: E402
+
+EXPERIMENTS = ("compress_ablation", "compress_ablation:lm")
+RECOVERY = {"head": "head only", "none": "none (base as compressed)", "lora": "LoRA r=8"}
+EDGE_MARKS = {"high": " ↑", "low": " ↓"}
 # Pairs of bases of about the same size: (low rank, fewer bits).
 EQUAL_SIZE = [((0.25, "none"), (0.0, "int8")), ((0.5, "int8"), (0.0, "nf4")),
               ((0.25, "int8"), (0.5, "nf4"))]
@@ -43,110 +60,190 @@ def base_name(budget: float, fmt: str) -> str:
     return f"dense {bits}" if not budget else f"rank {budget:.0%} + {bits}"
 
 
-def wilson(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson 95% interval of an accuracy ``correct`` (a fraction) on ``n`` examples.
+def is_lm(runs: pd.DataFrame) -> bool:
+    """Whether rows score perplexity (the LM task) rather than accuracy."""
+    return "metric.accuracy" not in runs or runs["metric.accuracy"].isna().all()
 
-    >>> [round(v, 3) for v in wilson(0.9, 223)]
-    [0.854, 0.933]
+
+def settings(runs: pd.DataFrame) -> dict[tuple[float, str, str], pd.DataFrame]:
+    """``{(budget, fmt, method): rows}`` of the tuned rows (each setting at its chosen rate,
+    every seed)."""
+    runs = tuning.tuned(runs)
+    keys = zip(runs["config.compress.budget"].astype(float), runs["config.quant.fmt"].astype(str),
+               runs["config.method"].astype(str), strict=True)
+    labels = pd.Series(list(keys), index=runs.index)
+    return {key: runs[labels == key] for key in dict.fromkeys(labels)}
+
+
+def kernel_bits(rows: pd.DataFrame) -> float:
+    """Bits per transformer-kernel parameter (32 for a dense float base)."""
+    bits = rows["metric.quant_bits_per_param"].astype(float).mean()
+    return 32.0 if math.isnan(bits) else float(bits)
+
+
+def score(rows: pd.DataFrame) -> np.ndarray:
+    """Per-seed test scores: accuracy in %, or perplexity."""
+    column = "metric.perplexity" if is_lm(rows) else "metric.accuracy"
+    return rows[column].astype(float).to_numpy() * (1.0 if is_lm(rows) else 100.0)
+
+
+def compare(rows: pd.DataFrame, reference: pd.DataFrame) -> stats.PairedDifference | None:
+    """The paired difference of ``rows`` from ``reference``: accuracy, or mean loss per token
+    (nats; negative is better) on the LM task."""
+    return paired_loss(rows, reference) if is_lm(rows) else paired(rows, reference)
+
+
+def _difference(d: stats.PairedDifference | None, lm: bool) -> str:
+    return loss_difference_text(d) if lm else difference_text(d)
+
+
+def table(runs: pd.DataFrame, experiment: str) -> Table:
+    """Base x recovery: bits per kernel parameter, weight RMSE, chosen rate, test score mean ±
+    std over seeds, and the paired difference from the dense float32 base with the same
+    recovery.
+
+    >>> table(pd.DataFrame(), "compress_ablation").rows
+    []
     """
-    centre = (correct + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(correct * (1 - correct) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
-def rows(frame: pd.DataFrame, experiment: str = EXPERIMENT) -> pd.DataFrame:
-    """One row per base x recovery: kernel bits per parameter, weight RMSE, accuracy (mean
-    over seeds), seeds."""
-    runs = frame[frame["experiment"] == experiment].copy()
-    runs["budget"] = runs["config.compress.budget"].astype(float)
-    runs["fmt"] = runs["config.quant.fmt"].astype(str)
-    runs["method"] = runs["config.method"].astype(str)
-    bits = runs["metric.quant_bits_per_param"].astype(float)
-    runs["kernel_bits"] = bits.where(~bits.isna(), 32.0)
-    grouped = runs.groupby(["budget", "fmt", "method"], as_index=False).agg(
-        kernel_bits=("kernel_bits", "mean"), rmse=("metric.weight_rmse", "mean"),
-        accuracy=("metric.accuracy", "mean"), seeds=("seed", "nunique"))
-    return grouped.sort_values(["method", "kernel_bits"], ascending=[True, False])
-
-
-def table(summary: pd.DataFrame, n_eval: int) -> Table:
-    header = ["base (encoder kernels)", "bits / kernel param", "weight RMSE", "recovery",
-              "accuracy (%)", "95% CI (test set)"]
+    runs = experiment_runs(runs, experiment)
+    lm = is_lm(runs)
+    header = ["base (transformer kernels)", "bits / kernel param", "weight RMSE", "recovery",
+              "learning rate", "test perplexity" if lm else "test accuracy (%)",
+              "vs dense float32 (nats / token)" if lm else "vs dense float32 (points)"]
+    if runs.empty:
+        return Table(header, [], "")
+    cells = settings(runs)
     out = []
-    for _, r in summary.iterrows():
-        lo, hi = wilson(r.accuracy, n_eval)
-        out.append([base_name(r.budget, r.fmt), f"{r.kernel_bits:.2f}", f"{r.rmse:.2e}",
-                    RECOVERY.get(r.method, r.method), f"{100 * r.accuracy:.1f}",
-                    f"{100 * lo:.1f}-{100 * hi:.1f}"])
-    caption = (f"MiniLM on BBC News over a frozen base whose 36 encoder kernels are compressed "
-               f"to low rank (a global budget of their parameters, activation-aware) and/or "
-               f"quantized (blocks of 64; a compressed kernel's factors are quantized). Accuracy "
-               f"on the {n_eval} test articles; the interval is the test set's binomial (Wilson) "
-               f"one, not seed variation.")
+    for (budget, fmt, method), rows in sorted(
+            cells.items(), key=lambda kv: (kv[0][2] != "none" and kv[0][2] != "head",
+                                           -kernel_bits(kv[1]))):
+        reference = cells.get((0.0, "none", method))
+        edge = EDGE_MARKS.get(str(rows["grid_edge"].iloc[0]), "") if "grid_edge" in rows \
+            else ""
+        rate = "–" if method == "none" else \
+            ", ".join(f"{r:g}" for r in sorted(set(rows["config.optimizer.learning_rate"]))) + edge
+        values = score(rows)
+        diff = "" if reference is None or rows.index.equals(reference.index) else \
+            _difference(compare(rows, reference), lm)
+        out.append([base_name(budget, fmt), f"{kernel_bits(rows):.2f}",
+                    f"{rows['metric.weight_rmse'].astype(float).mean():.2e}",
+                    RECOVERY.get(method, method), rate,
+                    mean_std(values, scale=1.0, digits=3 if lm else 1), diff])
+    seeds = sorted(int(s) for s in runs["seed"].unique())
+    first = runs.iloc[0]
+    what = (f"test perplexity of the {int(first['config.model.num_layers'])}-layer "
+            f"Llama-style model (hidden {int(first['config.model.hidden_size'])}) adapted from "
+            "Python to English prose" if lm else "BBC News test accuracy (%) of MiniLM")
+    caption = (f"Compression of the frozen base ({experiment}): {what}, mean ± std over seeds "
+               f"{seeds}, at the best validation point of {int(first['config.steps'])} steps; "
+               "each setting's learning rate chosen on validation at seed 0. The transformer "
+               "kernels are compressed to low rank (a global budget of their parameters, "
+               "activation-aware) and/or quantized (blocks of 64; a compressed kernel's "
+               "factors are quantized). Beside each score: its paired difference from the "
+               "dense float32 base with the same recovery, 95% paired-bootstrap interval over "
+               "the test " + ("windows" if lm else "articles")
+               + " († where it excludes 0; otherwise within noise).")
+    if any(r[4].endswith(tuple(EDGE_MARKS.values())) for r in out):
+        caption += " ↑ / ↓: the highest / lowest rate of the grid was chosen."
     return Table(header, out, caption)
 
 
-def comparisons(summary: pd.DataFrame, n_eval: int) -> list[str]:
-    """Sentences on each equal-size pair, generated from the numbers."""
+def comparisons(runs: pd.DataFrame, experiment: str) -> list[str]:
+    """A sentence per pair of bases of about equal size (low rank against fewer bits) and
+    recovery, with the paired difference and "within noise" / "beyond noise"."""
+    runs = experiment_runs(runs, experiment)
+    if runs.empty:
+        return []
+    lm = is_lm(runs)
+    cells = settings(runs)
+    unit = "nats/token" if lm else "points"
     lines = []
-    for method in sorted(set(summary["method"])):
-        sel = summary[summary["method"] == method].set_index(["budget", "fmt"])
+    for method in sorted({m for _, _, m in cells}):
         for low, bits in EQUAL_SIZE:
-            if low not in sel.index or bits not in sel.index:
+            a, b = cells.get((*low, method)), cells.get((*bits, method))
+            if a is None or b is None:
                 continue
-            a, b = sel.loc[low], sel.loc[bits]
-            diff = 100 * (a.accuracy - b.accuracy)
-            se = 100 * math.sqrt(a.accuracy * (1 - a.accuracy) / n_eval
-                                 + b.accuracy * (1 - b.accuracy) / n_eval)
-            verdict = ("beats" if diff > 2 * se else "loses to" if diff < -2 * se
-                       else "is within two standard errors of")
-            lines.append(
-                f"- {RECOVERY.get(method, method)}: {base_name(*low)} ({a.kernel_bits:.2f} "
-                f"bits/param, {100 * a.accuracy:.1f}%) {verdict} {base_name(*bits)} "
-                f"({b.kernel_bits:.2f} bits/param, {100 * b.accuracy:.1f}%): "
-                f"{diff:+.1f} points, standard error of the difference {se:.1f}.")
+            d = compare(a, b)
+            if lm:
+                values = f"{score(a).mean():.3f} vs {score(b).mean():.3f} perplexity"
+                diff = "" if d is None else (f"{d.difference:+.4f} {unit} [{d.low:+.4f}, "
+                                             f"{d.high:+.4f}]")
+                better = d is not None and d.difference < 0
+            else:
+                values = f"{score(a).mean():.1f}% vs {score(b).mean():.1f}%"
+                diff = "" if d is None else (f"{100 * d.difference:+.1f} {unit} "
+                                             f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}]")
+                better = d is not None and d.difference > 0
+            verdict = ("no paired scores" if d is None else
+                       ("low rank better, beyond noise" if better else
+                        "fewer bits better, beyond noise") if d.excludes_zero
+                       else "within noise")
+            lines.append(f"- {RECOVERY.get(method, method)}: {base_name(*low)} "
+                         f"({kernel_bits(a):.2f} bits) against {base_name(*bits)} "
+                         f"({kernel_bits(b):.2f} bits): {values}, {diff}: {verdict}.")
     return lines
 
 
-def pareto(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats in both size (fewer bits) and accuracy, by size.
+def pareto(points: Sequence[tuple[float, float]],
+           higher_is_better: bool = True) -> list[tuple[float, float]]:
+    """The points no other point beats in both size (fewer bits) and score, by size.
 
     >>> pareto([(32, 0.9), (8, 0.92), (4, 0.5), (16, 0.8)])
     [(4, 0.5), (8, 0.92)]
+    >>> pareto([(32, 7.0), (8, 7.5), (4, 9.0)], higher_is_better=False)
+    [(4, 9.0), (8, 7.5), (32, 7.0)]
     """
+    sign = 1.0 if higher_is_better else -1.0
     front, best = [], -np.inf
     for x, y in sorted(points):
-        if y > best:
+        if sign * y > best:
             front.append((x, y))
-            best = y
+            best = sign * y
     return front
 
 
-def plot(summary: pd.DataFrame, path: Path) -> None:
+def plot(frame: pd.DataFrame, experiments: Sequence[str], path: Path) -> None:
+    """One panel per experiment: score (mean, error bar = std over seeds) against bits per
+    kernel parameter, each recovery's Pareto front drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    colours = {"head": "tab:grey", "lora": "tab:blue"}
-    for method, sel in summary.groupby("method"):
-        colour = colours.get(method, "tab:green")
-        for _, r in sel.iterrows():
-            marker = "s" if not r.budget else "o"
-            ax.scatter(r.kernel_bits, 100 * r.accuracy, color=colour, marker=marker, zorder=3)
-            ax.annotate(base_name(r.budget, r.fmt), (r.kernel_bits, 100 * r.accuracy),
-                        fontsize=6, xytext=(3, 2), textcoords="offset points")
-        front = pareto(list(zip(sel.kernel_bits, 100 * sel.accuracy, strict=True)))
-        ax.plot(*zip(*front, strict=True), color=colour, lw=1,
-                label=f"{RECOVERY.get(method, method)} (Pareto front)")
-    ax.scatter([], [], color="k", marker="s", label="quantized only")
-    ax.scatter([], [], color="k", marker="o", label="low rank (+ quantized factors)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("bits per encoder-kernel parameter (log scale)")
-    ax.set_ylabel("BBC News test accuracy (%)")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-    ax.grid(alpha=0.3)
+    present = [e for e in experiments if not experiment_runs(frame, e).empty]
+    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(6.0 * max(1, len(present)), 4.8),
+                             squeeze=False)
+    colours = {"head": "tab:grey", "none": "tab:grey", "lora": "tab:blue"}
+    for ax, experiment in zip(axes[0], present, strict=False):
+        runs = experiment_runs(frame, experiment)
+        lm = is_lm(runs)
+        by_method: dict[str, list] = {}
+        for (budget, fmt, method), rows in settings(runs).items():
+            by_method.setdefault(method, []).append((budget, fmt, rows))
+        for method, items in sorted(by_method.items()):
+            colour = colours.get(method, "tab:green")
+            points = []
+            for budget, fmt, rows in items:
+                values, x = score(rows), kernel_bits(rows)
+                err = values.std(ddof=1) if len(values) > 1 else 0.0
+                ax.errorbar(x, values.mean(), yerr=err, color=colour, capsize=3, zorder=3,
+                            marker="s" if not budget else "o", linestyle="none")
+                ax.annotate(base_name(budget, fmt), (x, values.mean()), fontsize=6,
+                            xytext=(3, 2), textcoords="offset points")
+                points.append((x, values.mean()))
+            front = pareto(points, higher_is_better=not lm)
+            ax.plot(*zip(*front, strict=True), color=colour, lw=1,
+                    label=f"{RECOVERY.get(method, method)} (Pareto front)")
+        ax.scatter([], [], color="k", marker="s", label="quantized only")
+        ax.scatter([], [], color="k", marker="o", label="low rank (+ quantized factors)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bits per transformer-kernel parameter (log scale)")
+        ax.set_ylabel("test perplexity (LM task)" if lm else "BBC News test accuracy (%)")
+        if lm:
+            ax.set_yscale("log")
+        ax.set_title(experiment, fontsize=9)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -154,21 +251,34 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", default="workdir/compression.sqlite")
+    parser.add_argument("--db", action="append", default=None,
+                        help="results database or CSV export (repeatable)")
     parser.add_argument("--out", default="experiments/results")
-    parser.add_argument("--n-eval", type=int, default=223, help="test articles")
-    parser.add_argument("--experiment", default=EXPERIMENT)
+    parser.add_argument("--experiment", action="append", default=None,
+                        help=f"experiment names (default: {', '.join(EXPERIMENTS)})")
     args = parser.parse_args(argv)
-    frame = load_runs(args.db)
+    frame = pd.concat([load_runs(db) for db in args.db or ["workdir/protocol.sqlite"]],
+                      ignore_index=True)
+    experiments = args.experiment or list(EXPERIMENTS)
+    known = set(frame["experiment"].dropna()) if "experiment" in frame else set()
+    missing = [e for e in experiments if e not in known]
+    if len(missing) == len(experiments):
+        print(f"compression_report.py: no finished runs of {experiments} in {args.db}; "
+              f"experiments there: {sorted(known)}", file=sys.stderr)
+        return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    frame[frame["experiment"] == args.experiment].to_csv(out / "compression_runs.csv",
-                                                         index=False)
-    summary = rows(frame, args.experiment)
-    plot(summary, out / "compression_pareto.png")
-    text = [to_markdown(table(summary, args.n_eval)), "", "At about equal size:", "",
-            *comparisons(summary, args.n_eval)]
-    (out / "compression_table.md").write_text("\n".join(text) + "\n")
+    frame[frame["experiment"].isin(experiments)].to_csv(out / "compression_runs.csv",
+                                                        index=False)
+    plot(frame, experiments, out / "compression_pareto.png")
+    text = []
+    for experiment in experiments:
+        if experiment in missing:
+            continue
+        text += [f"### {experiment}", "", to_markdown(table(frame, experiment)), "",
+                 "At about equal size (paired over the test examples, seeds averaged):", "",
+                 *comparisons(frame, experiment), ""]
+    (out / "compression_table.md").write_text("\n".join(text))
     print("\n".join(text))
     return 0
 

@@ -2,6 +2,7 @@
 compressed (and quantized) base a task gets, and the report's Pareto front and verdicts."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -26,18 +27,25 @@ def _report_module():
     return module
 
 
-def test_the_sweep_covers_every_budget_format_and_recovery_once():
+def test_the_sweep_covers_every_budget_format_and_recovery_at_every_rate_of_its_grid():
     module, config = common.load("configs/compress_ablation.py")
     runs = module.get_sweep(config)
-    assert len(runs) == 18
+    assert len(runs) == 9 * 2 * 3  # bases x recovery x rates
     hashes = {results.config_hash(results.apply_overrides(config, r)) for r in runs}
-    assert len(hashes) == 18
-    refs = [r for r in runs if r["compress.budget"] == 0.0]
-    assert {(r["quant.fmt"], r["method"]) for r in refs} == {
-        (f, m) for f in ("none", "int8", "nf4") for m in ("head", "lora")}
-    lm_module, lm = common.load("configs/compress_ablation.py:lm")  # no head: LoRA only
-    assert lm.task == "configs.tasks:lm_domain"
-    assert {r["method"] for r in lm_module.get_sweep(lm)} == {"lora"}
+    assert len(hashes) == len(runs)
+    assert {r["optimizer.learning_rate"] for r in runs if r["method"] == "lora"} == {
+        1e-3, 3e-3, 1e-2}
+    assert {r["optimizer.learning_rate"] for r in runs if r["method"] == "head"} == {
+        3e-3, 1e-2, 3e-2}
+    refs = {(r["quant.fmt"], r["method"]) for r in runs if r["compress.budget"] == 0.0}
+    assert refs == {(f, m) for f in ("none", "int8", "nf4") for m in ("head", "lora")}
+    assert config.eval.select == "accuracy" and config.model.head_init == "seed"
+    lm_module, lm = common.load("configs/compress_ablation.py:lm")  # no head
+    lm_runs = lm_module.get_sweep(lm)
+    assert lm.task == "configs.tasks:lm_domain" and lm.eval.select == "perplexity"
+    untrained = [r for r in lm_runs if r["method"] == "none"]
+    assert len(untrained) == 9 and all("optimizer.learning_rate" not in r for r in untrained)
+    assert len(lm_runs) == 9 + 9 * 3
 
 
 @pytest.mark.parametrize("fmt, aware", [
@@ -65,16 +73,33 @@ def test_a_tiny_task_gets_compressed_encoder_kernels_and_their_accounting(fmt, a
     assert not lr.frozen.is_frozen(flat["bert/embeddings/word_embeddings/embedding"])
 
 
-def test_report_finds_the_pareto_front_and_says_which_base_wins_at_equal_size():
+def _row(budget, fmt, lr, seed, correct, val, bits=np.nan):
+    return {"experiment": "compress_ablation", "seed": seed, "config_hash": f"{budget}{fmt}{lr}",
+            "config.compress.budget": budget, "config.quant.fmt": fmt, "config.method": "lora",
+            "config.optimizer.learning_rate": lr, "config.eval.select": "accuracy",
+            "config.model.num_layers": 6, "config.model.hidden_size": 384, "config.steps": 9,
+            "metric.quant_bits_per_param": bits, "metric.weight_rmse": 0.01,
+            "metric.accuracy": float(np.mean(correct)), "metric.val_accuracy": val,
+            "predictions": json.dumps({"correct": list(correct)})}
+
+
+def test_report_tunes_each_base_then_compares_equal_sizes_paired():
     report = _report_module()
     assert report.pareto([(32, 0.9), (8, 0.92), (4, 0.5), (16, 0.8)]) == [(4, 0.5), (8, 0.92)]
-    frame = pd.DataFrame({
-        "experiment": ["compress_ablation"] * 3, "seed": [0, 0, 0],
-        "config.compress.budget": [0.0, 0.25, 0.0], "config.quant.fmt": ["none", "none", "int8"],
-        "config.method": ["lora"] * 3, "metric.quant_bits_per_param": [np.nan, 8.0, 8.5],
-        "metric.weight_rmse": [0.0, 0.01, 0.001], "metric.accuracy": [0.95, 0.60, 0.94]})
-    summary = report.rows(frame)
-    assert summary.set_index("budget").loc[0.25].kernel_bits == 8.0
-    assert 32.0 in set(summary.kernel_bits)  # a dense float base counts 32 bits
-    (line,) = report.comparisons(summary, 223)
-    assert "rank 25% + float32 (8.00 bits/param, 60.0%) loses to dense int8" in line
+    n = 200
+    good, bad = [1] * n, [1] * (n // 2) + [0] * (n // 2)
+    frame = pd.DataFrame([
+        _row(0.0, "none", 1e-3, 0, good, 0.9),
+        _row(0.0, "int8", 1e-3, 0, good, 0.9, bits=8.5),
+        _row(0.25, "none", 1e-3, 0, good, 0.5, bits=8.0),  # worse on validation: not chosen
+        _row(0.25, "none", 3e-3, 0, bad, 0.6, bits=8.0)])
+    table = report.table(frame, "compress_ablation")
+    by_base = {r[0]: r for r in table.rows}
+    assert by_base["rank 25% + float32"][4] == "0.003"  # the rate chosen on validation
+    assert by_base["rank 25% + float32"][5] == "50.0"
+    assert by_base["rank 25% + float32"][6].startswith("-50.0 [") and "†" in \
+        by_base["rank 25% + float32"][6]
+    assert by_base["dense float32"][1] == "32.00"  # a dense float base counts 32 bits
+    (line,) = report.comparisons(frame, "compress_ablation")
+    assert "rank 25% + float32 (8.00 bits) against dense int8 (8.50 bits): 50.0% vs 100.0%" \
+        in line and line.endswith("fewer bits better, beyond noise.")
