@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.adapt = "qv"
     config.model = ml_collections.ConfigDict(dict(
         name="minilm", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-    ))  # the sizes apply to name="tiny" only
+        dropout=False,
+    ))  # the sizes apply to name="tiny" only; dropout: the model's own in training steps
     config.data = ml_collections.ConfigDict(dict(
         max_length=32, train_examples=0, eval_split="test", eval_examples=0, eval_batch_size=64,
     ))  # 0 examples: all of them; otherwise a subset stratified by topic (tasks.stratified_subset)

@@ -133,7 +133,7 @@ def _for_loftq(task: Task, params: dict, config: Any, family: str) -> Task:
     spec = _quant_spec(config, family)
     if config.lora.init != "loftq" or spec is None:
         return task
-    return dataclasses.replace(task, params=params, quant=spec)
+    return dataclasses.replace(task, params=params, quant=spec, seeded_params=None)
 
 
 def _quantize(params: dict, config: Any, family: str,
@@ -285,6 +285,14 @@ def _bert_forward(model, frozen, trainable, batch, rng):
                     lora_rng=rng)
 
 
+def _bert_forward_with_dropout(model, frozen, trainable, batch, rng):
+    """``_bert_forward`` with the model's own dropout (hidden and attention probabilities, as
+    in transformers' ``train()`` mode) on in training steps (``rng`` given), off in
+    evaluation (``config.model.dropout``)."""
+    return lr.apply(model, frozen, trainable, batch["input_ids"], batch["attention_mask"],
+                    lora_rng=rng, deterministic=rng is None)
+
+
 def _bbc(config: Any) -> tuple[Task, BaseInfo]:
     m, d = config.model, config.data
     model, params = _bert_base(m.name, 5, (m.hidden_size, m.num_layers, m.num_heads,
@@ -313,9 +321,14 @@ def _bbc(config: Any) -> tuple[Task, BaseInfo]:
     def test_batches():
         return data.eval_batches(test_arrays, d.eval_batch_size)
 
+    seeded = None
+    if m.get("head_init", "fixed") == "seed":
+        def seeded(seed):  # the head drawn from another seed, on this base
+            return reseeded_head(model, dict(frozen), seed)
     task = Task(model, frozen, train_batch, "classification", eval_batches,
-                forward=_bert_forward, source=f"bbc:{m.name}",
-                test_batches=test_batches if test_split else None, train_rows=train_rows)
+                forward=_bert_forward_with_dropout if m.get("dropout", False) else _bert_forward,
+                source=f"bbc:{m.name}", test_batches=test_batches if test_split else None,
+                train_rows=train_rows, seeded_params=seeded)
     return _for_loftq(task, dict(params), config, "bert"), info
 
 
@@ -446,18 +459,16 @@ FACTORIES = {"configs.tasks:bbc_classifier": _bbc, "configs.tasks:lm_domain": _l
 
 def stack_member_keys(config: Any) -> tuple[str, ...]:
     """The fields in which runs of ``config``'s task may differ inside one stack: the library's
-    ``lowrank.stack.MEMBER_KEYS`` and ``adapt`` (which only sets ``lora.targets``), less the
-    seed when the task draws the head from it (``model.head_init = "seed"``: the shared task
-    holds one head, so such a stack holds one seed).
+    ``lowrank.stack.MEMBER_KEYS`` and ``adapt`` (which only sets ``lora.targets``). Seeds
+    stack too where the task draws the head from the seed (``model.head_init = "seed"``): each
+    member starts from its own head (``Task.seeded_params``).
 
     >>> from configs.rank_ablation import get_config
     >>> "seed" in stack_member_keys(get_config("quick")), "seed" in stack_member_keys(get_config())
-    (True, False)
+    (True, True)
     """
-    keys = (*stack.MEMBER_KEYS, "adapt")
-    if config.get("model", {}).get("head_init", "fixed") == "seed":
-        keys = tuple(k for k in keys if k != "seed")
-    return keys
+    del config  # every task here stacks the same fields
+    return (*stack.MEMBER_KEYS, "adapt")
 
 
 def build(config: Any) -> tuple[Task, BaseInfo]:

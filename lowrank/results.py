@@ -45,6 +45,8 @@ HASHED_UNLESS_DEFAULT = {
     "eval.select": None, "optimizer.lr_multipliers": [],
     # the dropout masks' generator (no committed run uses dropout, so their bits never mattered)
     "dropout_prng": "hash",
+    # the BBC task's model dropout in training (configs/finetune_bbc.py; off in every committed run)
+    "model.dropout": False,
 }
 
 _FIXED_COLUMNS = {

@@ -156,3 +156,23 @@ def test_stratified_subset_takes_labels_in_turn_and_keeps_full_sets_whole():
     for variant in ("default", "quick"):
         config = common.load(f"configs/finetune_bbc.py:{variant}")[1]
         assert (config.data.eval_examples, config.data.train_examples) == (0, 0)
+
+
+def test_model_dropout_is_on_in_training_steps_only_when_the_config_asks():
+    _, config = common.load("configs/finetune_bbc.py:tiny")
+    on = tasks.training_config(results.apply_overrides(config, {"model.dropout": True}))
+    assert results.config_hash(config) == results.config_hash(
+        results.apply_overrides(config, {"model.dropout": False}))  # old rows keep their hash
+    task = tasks.build(on)[0]
+    plain = tasks.build(tasks.training_config(config))[0]
+    batch = task.train_batch(0, 0)
+
+    def out(t, rng):
+        return np.asarray(t.forward(t.model, t.params, {}, batch, rng))
+
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(out(task, None), out(plain, None))  # evaluation: no dropout
+    np.testing.assert_array_equal(out(plain, key), out(plain, None))  # the default: none
+    a, b = out(task, key), out(task, jax.random.key(4))
+    assert not np.allclose(a, out(task, None)) and not np.allclose(a, b)
+    np.testing.assert_array_equal(a, out(task, key))  # the key decides the masks

@@ -307,3 +307,29 @@ def test_tiny_bbc_rank_sweep_members_equal_their_own_runs():
     task, _ = tasks.build(configs[0])
     for s, c in zip(stack.train_stacked(configs, task), configs, strict=True):
         _assert_same_run(s, train(c, task))
+
+
+def test_a_stack_holds_several_seeds_of_a_task_that_draws_the_head_from_the_seed():
+    """The protocol's tiny BBC config draws each seed's head (``model.head_init="seed"``): a
+    stack of seeds 0 and 1 equals each run trained alone on the task built for its seed;
+    a member that would take a drawn leaf from the shared frozen tree is refused."""
+    from configs import tasks
+    from configs.finetune_bbc import get_config
+    from lowrank import results
+
+    base = get_config("tiny")
+    with base.unlocked():
+        base.model.head_init = "seed"
+    configs = [tasks.training_config(results.apply_overrides(base, {"seed": s}))
+               for s in (0, 1)]
+    assert stack.group_compatible(configs) == [[0, 1]]
+    task, _ = tasks.build(configs[0])
+    alone = [train(c, tasks.build(c)[0]) for c in configs]
+    for member, run in zip(stack.train_stacked(configs, task), alone, strict=True):
+        _assert_same_run(member, run)
+    heads = [run.trainable["classifier"]["kernel"] for run in alone]
+    assert _max_diff(heads[0], heads[1]) > 1e-3  # the seeds' heads differ
+    frozen_head = [results.apply_overrides(c, {"lora.trainable": "bert/embeddings/LayerNorm/.*"})
+                   for c in configs]
+    with pytest.raises(ValueError, match=r"draws \['classifier/bias', 'classifier/kernel'\]"):
+        stack.train_stacked(frozen_head, task)

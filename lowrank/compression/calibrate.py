@@ -3,11 +3,13 @@ activation-aware truncation, as ASVD and SVD-LLM whiten by them)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lowrank import layers, paths
@@ -31,9 +33,12 @@ def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
     """``{path: E[x x^T]}``: the second moment of the inputs of each kernel matching
     ``targets`` (a regex on '/'-joined paths), over every call in ``batches``.
 
-    The model runs eagerly (no jit), once per batch, on plain ``params`` (float, unadapted).
-    Supported: ``nn.Dense`` and ``nn.DenseGeneral`` over the last axis, outside ``nn.scan``
-    and other transforms that trace their body (an error names the kernel otherwise).
+    The model runs under ``jax.jit`` on plain ``params`` (float, unadapted); each matched
+    layer computes ``x^T x`` in the graph and hands it to the host with an ordered
+    ``jax.debug.callback``. A layer inside ``nn.scan`` (a stacked kernel ``[L, in, out]``) is
+    called once per slice in order, so its moment is ``[L, in, in]``, one per slice. Supported:
+    ``nn.Dense`` and ``nn.DenseGeneral`` over the last axis (an error names the kernel
+    otherwise).
 
     Args:
       model: an unmodified linen module.
@@ -49,8 +54,15 @@ def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
     >>> np.round(stats["kernel"], 3).tolist()
     [[0.333, 0.0, 0.0], [0.0, 0.333, 0.0], [0.0, 0.0, 0.333]]
     """
-    sums: dict[str, np.ndarray] = {}
+    inner = paths.params_of(params)
+    shapes = {p: np.shape(leaf) for p, leaf in paths.flatten(inner).items()}
+    calls: dict[str, list[np.ndarray]] = {}  # this batch's x^T x per call, in call order
     counts: dict[str, int] = {}
+    layer_ndim: dict[str, int] = {}
+
+    def record(path: str, rows: int, xtx: Any) -> None:
+        calls.setdefault(path, []).append(np.asarray(xtx, np.float64))
+        counts[path] = counts.get(path, 0) + rows
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -60,29 +72,55 @@ def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
         path = paths.SEP.join((*module.path, rule.weight))
         if not paths.select([path], targets):
             return next_fun(*args, **kwargs)
-        x = args[0]
         if not _contracts_last_axis(module):
             raise layers.UnsupportedLayer(
                 f"activation-aware compression of {path!r}: {type(module).__name__} is not "
                 "supported (nn.Dense, nn.DenseGeneral over the last axis are); exclude it "
                 "from the targets or compress it without stats")
-        if isinstance(x, jax.core.Tracer):
-            raise ValueError(
-                f"activation_stats: the input of {path!r} is traced (the layer runs under "
-                "nn.scan, nn.remat or jit), so it cannot be measured eagerly; exclude it or "
-                "measure an unscanned copy of the model")
-        rows = np.asarray(jax.device_get(x), np.float64).reshape(-1, x.shape[-1])
-        sums[path] = sums.get(path, 0.0) + rows.T @ rows
-        counts[path] = counts.get(path, 0) + rows.shape[0]
+        x = args[0]
+        rows = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
+        layer_ndim[path] = len(module.get_variable("params", rule.weight).shape)
+        jax.debug.callback(functools.partial(record, path, rows.shape[0]),
+                           rows.T @ rows, ordered=True)
         return next_fun(*args, **kwargs)
 
-    variables = {"params": paths.params_of(params)}
     kwargs = {} if method is None else {"method": method}
-    with nn.intercept_methods(interceptor):
-        for batch in batches:
-            args = batch if isinstance(batch, tuple) else (batch,)
+
+    @jax.jit
+    def run(variables, args):
+        with nn.intercept_methods(interceptor):
             model.apply(variables, *args, **kwargs)
+
+    sums: dict[str, np.ndarray] = {}
+    variables = {"params": inner}
+    for batch in batches:
+        calls.clear()
+        run(variables, batch if isinstance(batch, tuple) else (batch,))
+        jax.effects_barrier()
+        for path, seen in calls.items():
+            sums[path] = sums.get(path, 0.0) + _per_slice(path, seen, shapes[path],
+                                                           layer_ndim[path])
     if not sums:
         raise ValueError(f"activation_stats: no call of a layer whose kernel matches "
                          f"{targets!r} ran over the batches")
-    return {p: sums[p] / counts[p] for p in sorted(sums)}
+    return {p: sums[p] * (_slices(shapes[p], layer_ndim[p]) / counts[p]) for p in sorted(sums)}
+
+
+def _slices(shape: tuple[int, ...], ndim: int) -> int:
+    return int(np.prod(shape[:len(shape) - ndim]))
+
+
+def _per_slice(path: str, seen: list[np.ndarray], shape: tuple[int, ...],
+               ndim: int) -> np.ndarray:
+    """One batch's calls of a kernel summed per slice: a plain kernel pools every call; a
+    stacked one (``nn.scan``: the layer sees ``ndim`` of the kernel's axes) takes its calls in
+    slice order, round after round."""
+    lead = shape[:len(shape) - ndim]
+    if not lead:
+        return np.sum(seen, axis=0)
+    n = int(np.prod(lead))
+    if len(seen) % n:
+        raise ValueError(f"activation_stats: {path!r} is stacked {lead} but ran {len(seen)} "
+                         f"times in one batch, not a multiple of {n}")
+    per = np.sum(np.reshape(np.stack(seen), (-1, n, *seen[0].shape)), axis=0)
+    return per.reshape(*lead, *seen[0].shape)

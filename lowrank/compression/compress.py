@@ -118,10 +118,14 @@ def _decompose(path: str, kernel: Any, spec: CompressSpec, layouts: Mapping | No
         if path not in stats:
             raise ValueError(f"compress: no activation stats for target {path!r}; stats hold "
                              + paths.candidates_hint(list(stats)))
-        if matrix.ndim != 2:
-            raise ValueError(f"compress: activation-aware compression of {path!r} needs a "
-                             f"plain [in, out] kernel, got shape {tuple(kernel.shape)}")
-        white, unwhiten = whitener(stats[path], spec.damping)
+        moment = np.asarray(stats[path])
+        lead = matrix.shape[:-2]
+        if moment.shape[-2:] != (fan_in, fan_in) or moment.shape[:-2] not in (lead, ()):
+            raise ValueError(
+                f"compress: the activation stats of {path!r} have shape {moment.shape}; its "
+                f"kernel as matrices is {tuple(matrix.shape)}, so accepted are "
+                f"{(fan_in, fan_in)} or {(*lead, fan_in, fan_in)} (one per slice)")
+        white, unwhiten = whitener(moment, spec.damping)
         matrix = jnp.asarray(white, jnp.float32) @ matrix
     u, s, vt = np.linalg.svd(np.asarray(matrix, np.float64), full_matrices=False)
     a_shape, b_shape = f.adapter_shapes(target.slice_shape, 1)

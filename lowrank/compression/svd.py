@@ -47,18 +47,20 @@ def split_singular(u: jax.Array, s: jax.Array, vt: jax.Array, rank: int,
 def whitener(second_moment: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
     """``(S, S^-1)``, ``S`` the symmetric square root of the input second moment ``C`` (so
     ``||X dW||_F^2 = n ||S dW||_F^2``), its eigenvalues floored at ``damping`` times their
-    mean so ``S^-1`` exists.
+    mean so ``S^-1`` exists; a stack ``[..., n, n]`` gives one pair per matrix.
 
     >>> s, s_inv = whitener(np.diag([4.0, 1.0]), damping=1e-3)
     >>> np.round(s, 6).tolist(), np.round(s @ s_inv, 6).tolist()
     ([[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]])
     """
     c = np.asarray(second_moment, np.float64)
-    c = 0.5 * (c + c.T)
-    lam, q = np.linalg.eigh(c)
-    lam = np.maximum(lam, damping * max(float(np.mean(np.abs(lam))), np.finfo(np.float64).tiny))
-    root = np.sqrt(lam)
-    return (q * root) @ q.T, (q / root) @ q.T
+    c = 0.5 * (c + np.swapaxes(c, -1, -2))
+    lam, q = np.linalg.eigh(c)  # per matrix of a stack [..., n, n]
+    floor = damping * np.maximum(np.mean(np.abs(lam), axis=-1, keepdims=True),
+                                 np.finfo(np.float64).tiny)
+    root = np.sqrt(np.maximum(lam, floor))[..., None, :]
+    qt = np.swapaxes(q, -1, -2)
+    return (q * root) @ qt, (q / root) @ qt
 
 
 def energy_rank(s: np.ndarray, fraction: float) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lowrank import results
+from lowrank import paths, results
 from lowrank.stack.checkpoint import StackCheckpoints
 from lowrank.stack.layout import stack_states, unstack_states
 from lowrank.stack.selection import member_metrics, stack_selector
@@ -150,15 +150,40 @@ def _check_stackable(configs: Sequence[Any]) -> None:
                              f"frozen base, which a stack shares; stackable: {STACKABLE_INITS}")
 
 
+def _member_params(configs: Sequence[Any], task: Task) -> tuple[list, list[list[str]]]:
+    """The tree each member starts from (``task.seeded_params(seed)`` where the task draws
+    leaves from the seed, else ``task.params``) and the paths of the leaves drawn."""
+    if task.seeded_params is None:
+        return [task.params for _ in configs], [[] for _ in configs]
+    shared = paths.flatten(paths.params_of(task.params))
+    trees, drawn = [], []
+    for config in configs:
+        tree = task.seeded_params(config.seed)
+        own = paths.flatten(paths.params_of(tree))
+        trees.append(tree)
+        drawn.append([p for p, leaf in own.items() if leaf is not shared.get(p)])
+    return trees, drawn
+
+
 def _init_states(configs: Sequence[Any], task: Task) -> list:
-    """Each run's ``init_state``, traced into one program (one compilation, not K)."""
+    """Each run's ``init_state``, traced into one program (one compilation, not K). A leaf
+    a member draws from its seed must be one it trains: the stack shares one frozen tree."""
 
     @jax.jit
-    def init_all(params):
-        shared = dataclasses.replace(task, params=params)
-        return [init_state(c, shared) for c in configs]
+    def init_all(member_params):
+        return [init_state(c, dataclasses.replace(task, params=p))
+                for c, p in zip(configs, member_params, strict=True)]
 
-    return init_all(task.params)
+    trees, drawn = _member_params(configs, task)
+    states = init_all(trees)
+    for i, (state, own) in enumerate(zip(states, drawn, strict=True)):
+        untrained = sorted(set(own) - set(paths.flatten(state.trainable)))
+        if untrained:
+            raise ValueError(
+                f"run {i} (seed {configs[i].seed}): the task draws {untrained} from the seed, "
+                "but the run does not train them, so they would come from the stack's shared "
+                "frozen tree; stack one seed at a time, or train those leaves")
+    return states
 
 
 def _stack_batches(task: Task, seeds: Sequence[int], step: int) -> dict:

@@ -65,6 +65,11 @@ class Task:
         ``slice``), built without the other rows: in a multi-process run each process asks
         for its own share only (``lowrank.data.sampler`` makes both functions from arrays).
         None: every process builds the whole batch and keeps its rows.
+      seeded_params: ``seed -> params`` a run of that seed starts from, where the task draws
+        some of them from the seed (a new classifier head) and every run trains those
+        leaves; ``params`` is the tree of the seed the task was built for. A stack of runs
+        (``lowrank.stack``) initialises each member from its own seed's tree, so it can hold
+        several seeds. None: ``params`` for every seed.
 
     >>> import jax.numpy as jnp
     >>> model = nn.Dense(2)
@@ -84,6 +89,7 @@ class Task:
     quant: Any = None
     test_batches: Callable[[], Iterable[Batch]] | None = None
     train_rows: Callable[[int, int, slice], Batch] | None = None
+    seeded_params: Callable[[int], Any] | None = None
 
 
 def load_task(config: Any) -> Task:
