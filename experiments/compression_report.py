@@ -5,7 +5,8 @@ BBC News) and ``configs/compress_ablation.py:lm`` (the LM task).
     python experiments/compression_report.py --db=workdir/protocol.sqlite \
         --out=experiments/results
 
-writes ``compression_table.md`` (one table per experiment and the equal-size comparisons),
+writes ``compression_table.md`` (one table per experiment and the equal-size comparisons; the
+same lines into each ``--readme``'s generated block),
 ``compression_pareto.png`` (one panel per experiment) and ``compression_runs.csv`` (every
 finished row of both, every learning rate tried). Each setting's rows are those at the
 learning rate chosen on validation (``lowrank.tuning.tuned``); scores are mean ± std over
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import load_runs, to_markdown  # noqa: E402
+from report_summary import update_readme  # noqa: E402
 from report_tables import (  # noqa: E402
     Table,
     difference_text,
@@ -256,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="experiments/results")
     parser.add_argument("--experiment", action="append", default=None,
                         help=f"experiment names (default: {', '.join(EXPERIMENTS)})")
+    parser.add_argument("--readme", action="append", default=[],
+                        help="a Markdown file whose generated block (report.py's markers) "
+                             "gets the tables and comparisons (repeatable)")
     args = parser.parse_args(argv)
     frame = pd.concat([load_runs(db) for db in args.db or ["workdir/protocol.sqlite"]],
                       ignore_index=True)
@@ -271,16 +276,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     frame[frame["experiment"].isin(experiments)].to_csv(out / "compression_runs.csv",
                                                         index=False)
     plot(frame, experiments, out / "compression_pareto.png")
-    text = []
+    text = summary(frame, [e for e in experiments if e not in missing])
+    (out / "compression_table.md").write_text("\n".join(text) + "\n")
+    for readme in args.readme:
+        update_readme(readme, text)
+    print("\n".join(text))
+    return 0
+
+
+def summary(frame: pd.DataFrame, experiments: Sequence[str]) -> list[str]:
+    """The Markdown lines of each experiment's table and equal-size comparisons (what
+    ``compression_table.md`` and the ``--readme`` blocks hold)."""
+    text: list[str] = []
     for experiment in experiments:
-        if experiment in missing:
-            continue
         text += [f"### {experiment}", "", to_markdown(table(frame, experiment)), "",
                  "At about equal size (paired over the test examples, seeds averaged):", "",
                  *comparisons(frame, experiment), ""]
-    (out / "compression_table.md").write_text("\n".join(text))
-    print("\n".join(text))
-    return 0
+    return text[:-1] if text and not text[-1] else text
 
 
 if __name__ == "__main__":
