@@ -259,6 +259,25 @@ def test_activation_stats_reach_each_slice_of_a_scanned_stack():
                  layouts=layouts)
 
 
+def test_activation_stats_of_a_conv_are_those_of_its_patches():
+    model = nn.Conv(6, (3,), padding="SAME", use_bias=False)
+    scales = jnp.exp(jnp.linspace(-2.0, 1.0, 4))
+    x = jax.random.normal(jax.random.key(1), (5, 7, 4)) * scales  # [batch, length, channels]
+    params = model.init(jax.random.key(0), x)["params"]
+    stats = activation_stats(model, params, [x], r".*kernel")
+    padded = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (0, 0)))
+    patches = np.stack([padded[:, t:t + 3].reshape(5, -1) for t in range(7)], 1).reshape(-1, 12)
+    np.testing.assert_allclose(stats["kernel"], patches.T @ patches / 35, rtol=1e-4, atol=1e-6)
+    w = np.asarray(params["kernel"], np.float64).reshape(12, 6)  # rows in the patches' order
+    np.testing.assert_allclose(patches @ w, np.asarray(model.apply({"params": params}, x),
+                                                       np.float64).reshape(-1, 6), atol=1e-5)
+    frozen = compress(params, CompressSpec(rank=2, damping=1e-8), stats=stats,
+                      layouts=lr.discover_layouts(model, params, x))
+    w_hat = np.asarray(frozen["kernel"].materialize(jnp.float32), np.float64).reshape(12, 6)
+    optimal = np.sqrt(np.sum(np.linalg.svd(patches @ w, compute_uv=False)[2:] ** 2))
+    assert np.linalg.norm(patches @ (w - w_hat)) == pytest.approx(optimal, rel=1e-3)
+
+
 @pytest.mark.parametrize("fmt", [None, "nf4"])
 def test_compressed_plus_lora_gradients_equal_those_of_the_merged_model(mixed, fmt):
     model, params, layouts, adapters = mixed
@@ -356,5 +375,5 @@ def test_bad_targets_and_inputs_are_named(mixed):
     with pytest.raises(ValueError, match="below the 48 parameters of rank 1"):
         compress({"fc": {"kernel": w}, "g": {"kernel": w}}, CompressSpec(budget=40))
     model, params, _, _ = mixed
-    with pytest.raises(lr.UnsupportedLayer, match="'conv/kernel'"):
-        activation_stats(model, params, [IDS], r"conv/kernel")
+    with pytest.raises(lr.UnsupportedLayer, match="'per_head/kernel'"):
+        activation_stats(model, params, [IDS], r"per_head/kernel")

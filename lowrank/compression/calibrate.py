@@ -37,8 +37,9 @@ def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
     layer computes ``x^T x`` in the graph and hands it to the host with an ordered
     ``jax.debug.callback``. A layer inside ``nn.scan`` (a stacked kernel ``[L, in, out]``) is
     called once per slice in order, so its moment is ``[L, in, in]``, one per slice. Supported:
-    ``nn.Dense`` and ``nn.DenseGeneral`` over the last axis (an error names the kernel
-    otherwise).
+    ``nn.Dense``, ``nn.DenseGeneral`` over the last axis, and ``nn.Conv`` (its inputs are the
+    patches its kernel contracts with, ``[prod(kernel_size) * in]``); an error names any other
+    kernel.
 
     Args:
       model: an unmodified linen module.
@@ -64,21 +65,27 @@ def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
         calls.setdefault(path, []).append(np.asarray(xtx, np.float64))
         counts[path] = counts.get(path, 0) + rows
 
+    probing = [False]  # inside _conv_patches' own conv: not a call of the model
+
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         rule = layers.rule_for(module)
-        if rule is None or context.method_name != "__call__":
+        if probing[0] or rule is None or context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         path = paths.SEP.join((*module.path, rule.weight))
         if not paths.select([path], targets):
             return next_fun(*args, **kwargs)
-        if not _contracts_last_axis(module):
+        x = args[0]
+        if _contracts_last_axis(module):
+            rows = jnp.reshape(x, (-1, x.shape[-1]))
+        elif type(module) is nn.Conv and module.feature_group_count == 1 and module.mask is None:
+            rows = _conv_patches(module, x, probing)
+        else:
             raise layers.UnsupportedLayer(
                 f"activation-aware compression of {path!r}: {type(module).__name__} is not "
-                "supported (nn.Dense, nn.DenseGeneral over the last axis are); exclude it "
-                "from the targets or compress it without stats")
-        x = args[0]
-        rows = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
+                "supported (nn.Dense, nn.DenseGeneral over the last axis and nn.Conv are); "
+                "exclude it from the targets or compress it without stats")
+        rows = rows.astype(jnp.float32)
         layer_ndim[path] = len(module.get_variable("params", rule.weight).shape)
         jax.debug.callback(functools.partial(record, path, rows.shape[0]),
                            rows.T @ rows, ordered=True)
@@ -104,6 +111,22 @@ def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
         raise ValueError(f"activation_stats: no call of a layer whose kernel matches "
                          f"{targets!r} ran over the batches")
     return {p: sums[p] * (_slices(shapes[p], layer_ndim[p]) / counts[p]) for p in sorted(sums)}
+
+
+def _conv_patches(module: nn.Conv, x: Any, probing: list[bool]) -> Any:
+    """The patches an ``nn.Conv`` contracts its kernel with, as rows ``[n, prod(k) * in]`` in
+    the kernel's row order (``x`` convolved by the module's own padding, strides and
+    dilations with an identity kernel: output channel j is patch entry j)."""
+    kernel = module.get_variable("params", "kernel")
+    k = int(np.prod(kernel.shape[:-1]))
+    identity = jnp.eye(k, dtype=x.dtype).reshape(*kernel.shape[:-1], k)
+    probe = module.clone(parent=None, features=k, use_bias=False)
+    probing[0] = True
+    try:
+        patches = probe.apply({"params": {"kernel": identity}}, x)
+    finally:
+        probing[0] = False
+    return jnp.reshape(patches, (-1, k))
 
 
 def _slices(shape: tuple[int, ...], ndim: int) -> int:
