@@ -41,12 +41,12 @@ from report_tables import (  # noqa: E402
     paired,
     paired_loss,
 )
+from report_variants import EDGE_MARKS  # noqa: E402
 
 from lowrank import stats, tuning  # noqa: E402
 
 EXPERIMENTS = ("compress_ablation", "compress_ablation:lm")
 RECOVERY = {"head": "head only", "none": "none (base as compressed)", "lora": "LoRA r=8"}
-EDGE_MARKS = {"high": " ↑", "low": " ↓"}
 # Pairs of bases of about the same size: (low rank, fewer bits).
 EQUAL_SIZE = [((0.25, "none"), (0.0, "int8")), ((0.5, "int8"), (0.0, "nf4")),
               ((0.25, "int8"), (0.5, "nf4"))]
