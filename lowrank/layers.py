@@ -101,7 +101,9 @@ def _tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _einsum_parts(module: nn.Einsum, args, kwargs) -> tuple[str, str, str]:
+def einsum_parts(module: nn.Einsum, args, kwargs) -> tuple[str, str, str]:
+    """An ``nn.Einsum`` call's (input, kernel, output) labels (the call's equation, else the
+    module's)."""
     eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
     lhs, out = eq.replace(" ", "").split("->")
     x_labels, k_labels = lhs.split(",")
@@ -120,7 +122,7 @@ def _dense_general_factorization(module, ndim, args, kwargs):
 
 
 def _einsum_factorization(module, ndim, args, kwargs):
-    x_labels, k_labels, out = _einsum_parts(module, args, kwargs)
+    x_labels, k_labels, out = einsum_parts(module, args, kwargs)
     if "." in x_labels + k_labels:
         raise UnsupportedLayer("nn.Einsum with an ellipsis in the equation is not supported")
     batch, contract, outs = [], [], []
@@ -229,7 +231,7 @@ def _dense_general_delta(module, method, args, kwargs, a, b, scale, dropout):
 
 
 def _einsum_delta(module, method, args, kwargs, a, b, scale, dropout):
-    x_labels, k_labels, out = _einsum_parts(module, args, kwargs)
+    x_labels, k_labels, out = einsum_parts(module, args, kwargs)
     f = _einsum_factorization(module, len(k_labels), args, kwargs)
     r = next(c for c in string.ascii_letters if c not in x_labels + k_labels + out)
     a_labels = "".join(k_labels[i] for i in f.batch + f.contract) + r
@@ -260,7 +262,7 @@ def _trailing_per_output(module, args, kwargs, v, ndim, order):
 
 
 def _einsum_per_output(module, args, kwargs, v, ndim, order):
-    x_labels, k_labels, out = _einsum_parts(module, args, kwargs)
+    x_labels, k_labels, out = einsum_parts(module, args, kwargs)
     kept = [c for c in k_labels if c in out]  # the kernel's batch and output axes
     if order == "kernel":  # into the output's order
         v = jnp.transpose(v, [kept.index(c) for c in out if c in kept])

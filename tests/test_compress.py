@@ -278,6 +278,37 @@ def test_activation_stats_of_a_conv_are_those_of_its_patches():
     assert np.linalg.norm(patches @ (w - w_hat)) == pytest.approx(optimal, rel=1e-3)
 
 
+def test_activation_stats_of_per_head_einsum_and_multi_axis_dense_general(mixed):
+    model, params, layouts, _ = mixed
+    inputs = {}
+
+    def capture(next_fun, args, kwargs, context):  # each layer's input, eagerly
+        if context.method_name == "__call__" and context.module.name in ("per_head",
+                                                                          "from_heads"):
+            inputs[context.module.name] = np.asarray(args[0], np.float64)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(capture):
+        model.apply({"params": params}, IDS)
+    stats = activation_stats(model, params, [IDS], r"(per_head|from_heads)/kernel")
+    heads = inputs["per_head"]  # [b, t, h=3, d=4]: one moment per head
+    rows = heads.reshape(-1, 3, 4)
+    np.testing.assert_allclose(stats["per_head/kernel"],
+                               np.einsum("nhd,nhe->hde", rows, rows) / rows.shape[0],
+                               rtol=1e-4, atol=1e-6)
+    merged = inputs["from_heads"].reshape(-1, 15)  # both contracted axes, in kernel order
+    np.testing.assert_allclose(stats["from_heads/kernel"], merged.T @ merged / merged.shape[0],
+                               rtol=1e-4, atol=1e-6)
+    frozen = compress(params, CompressSpec(targets=r"per_head/kernel", rank=1, damping=1e-8,
+                                           only_saving=False), stats=stats, layouts=layouts)
+    w = np.asarray(params["per_head"]["kernel"], np.float64)  # [h, d, k]
+    w_hat = np.asarray(frozen["per_head"]["kernel"].materialize(jnp.float32), np.float64)
+    for h in range(3):  # each head at its own optimal output error
+        x = rows[:, h]
+        optimal = np.sqrt(np.sum(np.linalg.svd(x @ w[h], compute_uv=False)[1:] ** 2))
+        assert np.linalg.norm(x @ (w[h] - w_hat[h])) == pytest.approx(optimal, rel=1e-3)
+
+
 @pytest.mark.parametrize("fmt", [None, "nf4"])
 def test_compressed_plus_lora_gradients_equal_those_of_the_merged_model(mixed, fmt):
     model, params, layouts, adapters = mixed
@@ -375,5 +406,5 @@ def test_bad_targets_and_inputs_are_named(mixed):
     with pytest.raises(ValueError, match="below the 48 parameters of rank 1"):
         compress({"fc": {"kernel": w}, "g": {"kernel": w}}, CompressSpec(budget=40))
     model, params, _, _ = mixed
-    with pytest.raises(lr.UnsupportedLayer, match="'per_head/kernel'"):
-        activation_stats(model, params, [IDS], r"per_head/kernel")
+    with pytest.raises(lr.UnsupportedLayer, match="'embed/embedding'"):
+        activation_stats(model, params, [IDS], r"embed/embedding")

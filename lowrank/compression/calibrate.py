@@ -4,6 +4,7 @@ activation-aware truncation, as ASVD and SVD-LLM whiten by them)."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -14,18 +15,57 @@ import numpy as np
 
 from lowrank import layers, paths
 
-# Layers whose kernel contracts with the input's last axis alone: there the output error of a
-# truncated kernel is ||X dW||, X the inputs as rows.
-_LAST_AXIS = (nn.Dense,)
+
+def _tuple(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _contracts_last_axis(module: nn.Module) -> bool:
-    if type(module) in _LAST_AXIS:
-        return True
-    if type(module) is nn.DenseGeneral:
-        axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-        return tuple(axis) == (-1,) and not module.batch_dims
-    return False
+def _moment(module: nn.Module, x: Any, args: tuple, kwargs: dict, path: str,
+            probing: list[bool]) -> tuple[Any, int]:
+    """``(x^T x, rows)`` of one call: the second moment (summed, float32) of the inputs the
+    kernel contracts with, as rows in the kernel's own row order (``[..., k, k]``, one per
+    slice of an Einsum's batch axes), and how many rows each slice saw. There the output
+    error of a truncated kernel is ``||X dW||``."""
+    kind = type(module)
+    if kind is nn.Dense or (kind is nn.DenseGeneral and not _tuple(module.batch_dims)):
+        axes = [a % x.ndim for a in _tuple(getattr(module, "axis", -1))]
+        moved = jnp.moveaxis(x, axes, list(range(x.ndim - len(axes), x.ndim)))
+        rows = jnp.reshape(moved, (-1, math.prod(x.shape[a] for a in axes)))
+    elif kind is nn.Conv and module.feature_group_count == 1 and module.mask is None:
+        rows = _conv_patches(module, x, probing)
+    elif kind is nn.Einsum:
+        return _einsum_moment(module, x, args, kwargs, path)
+    else:
+        raise layers.UnsupportedLayer(
+            f"activation-aware compression of {path!r}: {kind.__name__} is not supported "
+            "(nn.Dense, nn.DenseGeneral without batch_dims, nn.Conv and nn.Einsum are); "
+            "exclude it from the targets or compress it without stats")
+    rows = rows.astype(jnp.float32)
+    return rows.T @ rows, rows.shape[0]
+
+
+def _einsum_moment(module: nn.Einsum, x: Any, args: tuple, kwargs: dict,
+                   path: str) -> tuple[Any, int]:
+    """An Einsum's moment per slice of its batch labels (in the kernel and the output), over
+    the contracted labels in kernel order; the input's other labels index rows."""
+    x_labels, k_labels, out = layers.einsum_parts(module, args, kwargs)
+    if "." in x_labels + k_labels or any(c not in k_labels and c not in out for c in x_labels):
+        raise layers.UnsupportedLayer(
+            f"activation-aware compression of {path!r}: nn.Einsum {x_labels},{k_labels}->{out} "
+            "has an ellipsis or sums an input axis outside the kernel; not supported")
+    batch = [c for c in k_labels if c in x_labels and c in out]
+    contract = [c for c in k_labels if c in x_labels and c not in out]
+    fresh = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in x_labels + k_labels + out)
+    twin = {c: next(fresh) for c in contract}
+    x2 = "".join(twin.get(c, c) for c in x_labels)
+    spec = (f"{x_labels},{x2}->{''.join(batch)}{''.join(contract)}"
+            f"{''.join(twin[c] for c in contract)}")
+    xf = x.astype(jnp.float32)
+    m = jnp.einsum(spec, xf, xf)
+    size = dict(zip(x_labels, x.shape, strict=True))
+    k = math.prod(size[c] for c in contract)
+    rows = math.prod(size[c] for c in x_labels if c not in k_labels)
+    return jnp.reshape(m, (*(size[c] for c in batch), k, k)), rows
 
 
 def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
@@ -37,9 +77,11 @@ def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
     layer computes ``x^T x`` in the graph and hands it to the host with an ordered
     ``jax.debug.callback``. A layer inside ``nn.scan`` (a stacked kernel ``[L, in, out]``) is
     called once per slice in order, so its moment is ``[L, in, in]``, one per slice. Supported:
-    ``nn.Dense``, ``nn.DenseGeneral`` over the last axis, and ``nn.Conv`` (its inputs are the
-    patches its kernel contracts with, ``[prod(kernel_size) * in]``); an error names any other
-    kernel.
+    ``nn.Dense``; ``nn.DenseGeneral`` without ``batch_dims`` (over all its input axes);
+    ``nn.Conv`` (its inputs are the patches its kernel contracts with,
+    ``[prod(kernel_size) * in]``); ``nn.Einsum`` without an ellipsis (one moment per slice of
+    the labels the kernel shares with input and output, as a per-head projection's heads). An
+    error names any other kernel.
 
     Args:
       model: an unmodified linen module.
@@ -75,20 +117,9 @@ def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
         path = paths.SEP.join((*module.path, rule.weight))
         if not paths.select([path], targets):
             return next_fun(*args, **kwargs)
-        x = args[0]
-        if _contracts_last_axis(module):
-            rows = jnp.reshape(x, (-1, x.shape[-1]))
-        elif type(module) is nn.Conv and module.feature_group_count == 1 and module.mask is None:
-            rows = _conv_patches(module, x, probing)
-        else:
-            raise layers.UnsupportedLayer(
-                f"activation-aware compression of {path!r}: {type(module).__name__} is not "
-                "supported (nn.Dense, nn.DenseGeneral over the last axis and nn.Conv are); "
-                "exclude it from the targets or compress it without stats")
-        rows = rows.astype(jnp.float32)
+        xtx, rows = _moment(module, args[0], args, kwargs, path, probing)
         layer_ndim[path] = len(module.get_variable("params", rule.weight).shape)
-        jax.debug.callback(functools.partial(record, path, rows.shape[0]),
-                           rows.T @ rows, ordered=True)
+        jax.debug.callback(functools.partial(record, path, rows), xtx, ordered=True)
         return next_fun(*args, **kwargs)
 
     kwargs = {} if method is None else {"method": method}
