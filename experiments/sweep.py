@@ -107,7 +107,14 @@ def _statuses(db: results.ResultsDB, config_hash: str) -> list[str]:
 
 def groups_of(config, pending: list[tuple[dict, str]], batch: int) -> list[list[int]]:
     """Indices of ``pending`` runs grouped into stacks of at most ``batch`` compatible runs
-    (one group per run when ``batch`` is 1)."""
+    (one group per run when ``batch`` is 1, and for each run that trains nothing,
+    ``method="none"``: it only evaluates its base).
+
+    >>> from configs.common import load
+    >>> _, c = load("configs/method_ablation.py:lm_tiny")
+    >>> groups_of(c, [({"method": "none", "seed": s}, "") for s in (1, 2)], batch=3)
+    [[0], [1]]
+    """
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if batch == 1:
@@ -115,9 +122,13 @@ def groups_of(config, pending: list[tuple[dict, str]], batch: int) -> list[list[
     from configs import tasks
     from lowrank import stack
 
-    resolved = [tasks.training_config(results.apply_overrides(config, o)) for o, _ in pending]
-    return stack.group_compatible(resolved, max_size=batch,
-                                  member_keys=tasks.stack_member_keys(config))
+    configs = [results.apply_overrides(config, o) for o, _ in pending]
+    trained = [i for i, c in enumerate(configs) if c.get("method", "lora") != "none"]
+    groups = stack.group_compatible([tasks.training_config(configs[i]) for i in trained],
+                                    max_size=batch, member_keys=tasks.stack_member_keys(config))
+    groups = [[trained[j] for j in group] for group in groups]
+    groups += [[i] for i in range(len(configs)) if i not in set(trained)]
+    return sorted(groups, key=lambda group: group[0])
 
 
 def sweep(spec: str, base_args: list[str], *, seeds: int, db_path: str, experiment: str,
