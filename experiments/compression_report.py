@@ -262,13 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a Markdown file whose generated block (report.py's markers) "
                              "gets the tables and comparisons (repeatable)")
     args = parser.parse_args(argv)
-    frame = pd.concat([load_runs(db) for db in args.db or ["workdir/protocol.sqlite"]],
-                      ignore_index=True)
+    dbs = args.db or ["workdir/protocol.sqlite"]
+    frame = pd.concat([load_runs(db) for db in dbs], ignore_index=True)
     experiments = args.experiment or list(EXPERIMENTS)
     known = set(frame["experiment"].dropna()) if "experiment" in frame else set()
     missing = [e for e in experiments if e not in known]
     if len(missing) == len(experiments):
-        print(f"compression_report.py: no finished runs of {experiments} in {args.db}; "
+        print(f"compression_report.py: no finished runs of {experiments} in {dbs}; "
               f"experiments there: {sorted(known)}", file=sys.stderr)
         return 1
     out = Path(args.out)

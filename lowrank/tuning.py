@@ -23,13 +23,27 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from lowrank.results import HASHED_UNLESS_DEFAULT
+
 LEARNING_RATE = "config.optimizer.learning_rate"
+
+
+def _absent(key: str, value: Any) -> bool:
+    """Whether a row's field counts as not set: missing (NaN, None), or at the default of a
+    field added after older rows were written (``results.HASHED_UNLESS_DEFAULT``: those rows
+    lack it), so old and new rows of one setting fall in one cell, as their hashes do."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    name = key.removeprefix("config.")
+    if name not in HASHED_UNLESS_DEFAULT:
+        return False
+    default = HASHED_UNLESS_DEFAULT[name]
+    return value == default or (isinstance(value, str) and value == json.dumps(default))
 
 
 def _cell(row: Any, tuned_keys: Sequence[str]) -> str:
     fields = {k: v for k, v in row.items() if k.startswith("config.")
-              and k not in tuned_keys and k != "config.seed"
-              and not (isinstance(v, float) and math.isnan(v)) and v is not None}
+              and k not in tuned_keys and k != "config.seed" and not _absent(k, v)}
     return json.dumps([row.get("experiment"), sorted(fields.items())], default=str)
 
 

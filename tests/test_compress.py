@@ -309,6 +309,38 @@ def test_activation_stats_of_per_head_einsum_and_multi_axis_dense_general(mixed)
         assert np.linalg.norm(x @ (w[h] - w_hat[h])) == pytest.approx(optimal, rel=1e-3)
 
 
+class _TwiceBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        dense = nn.Dense(x.shape[-1], name="dense")  # one kernel, called twice per step
+        return x + dense(jnp.tanh(dense(jnp.tanh(x)))), None
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_each_call_in_a_scan_is_credited_to_the_slice_it_ran_with(reverse):
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            body = nn.scan(_TwiceBlock, variable_axes={"params": 0},
+                           split_rngs={"params": True}, length=3, reverse=reverse)
+            return body(name="stack")(x, None)[0]
+
+    model = Stack()
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    stats = activation_stats(model, params, [x], r".*kernel")
+    w = np.asarray(params["stack"]["dense"]["kernel"], np.float64)
+    b = np.asarray(params["stack"]["dense"]["bias"], np.float64)
+    h, expected = np.asarray(x, np.float64), [None] * 3
+    for i in (reversed(range(3)) if reverse else range(3)):  # slices in the order they run
+        first = np.tanh(h)
+        second = np.tanh(first @ w[i] + b[i])
+        expected[i] = (first.T @ first + second.T @ second) / (2 * len(h))
+        h = h + second @ w[i] + b[i]
+    np.testing.assert_allclose(stats["stack/dense/kernel"], np.stack(expected),
+                               rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("fmt", [None, "nf4"])
 def test_compressed_plus_lora_gradients_equal_those_of_the_merged_model(mixed, fmt):
     model, params, layouts, adapters = mixed

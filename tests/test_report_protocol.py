@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lowrank import results, stats
+from lowrank import results, stats, tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -176,3 +176,18 @@ def test_perplexity_table_pairs_the_windows_with_the_float_base():
                f"[{expected.low:+.4f}, {expected.high:+.4f}]†)", "4.500"]
     lines = report_summary.summary_lines(db.frame("ok"))
     assert "(beyond noise)" in lines[0]
+
+
+def test_rows_written_before_and_after_a_defaulted_field_was_added_share_a_cell():
+    """A field added later with its default kept out of the hash (``model.dropout`` False):
+    old rows lack it, new rows store it; both are one setting, so seed 0's choice holds for
+    the new seeds."""
+    frame = pd.DataFrame({
+        "experiment": ["e"] * 4, "seed": [0, 0, 1, 1], "config_hash": list("abcd"),
+        "config.optimizer.learning_rate": [1e-3, 3e-3, 1e-3, 3e-3],
+        "config.model.dropout": [np.nan, np.nan, 0.0, 0.0],
+        "config.model.name": ["minilm"] * 4,
+        "metric.val_accuracy": [0.8, 0.9, 0.95, 0.7]})
+    assert tuning.tuned(frame)["config_hash"].tolist() == ["b", "d"]
+    frame.loc[2:, "config.model.dropout"] = 1.0  # really another setting: its own choice
+    assert tuning.tuned(frame)["config_hash"].tolist() == ["b", "c"]

@@ -41,7 +41,7 @@ def _moment(module: nn.Module, x: Any, args: tuple, kwargs: dict, path: str,
             "(nn.Dense, nn.DenseGeneral without batch_dims, nn.Conv and nn.Einsum are); "
             "exclude it from the targets or compress it without stats")
     rows = rows.astype(jnp.float32)
-    return rows.T @ rows, rows.shape[0]
+    return jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST), rows.shape[0]
 
 
 def _einsum_moment(module: nn.Einsum, x: Any, args: tuple, kwargs: dict,
@@ -61,7 +61,7 @@ def _einsum_moment(module: nn.Einsum, x: Any, args: tuple, kwargs: dict,
     spec = (f"{x_labels},{x2}->{''.join(batch)}{''.join(contract)}"
             f"{''.join(twin[c] for c in contract)}")
     xf = x.astype(jnp.float32)
-    m = jnp.einsum(spec, xf, xf)
+    m = jnp.einsum(spec, xf, xf, precision=jax.lax.Precision.HIGHEST)
     size = dict(zip(x_labels, x.shape, strict=True))
     k = math.prod(size[c] for c in contract)
     rows = math.prod(size[c] for c in x_labels if c not in k_labels)
@@ -74,9 +74,12 @@ def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
     ``targets`` (a regex on '/'-joined paths), over every call in ``batches``.
 
     The model runs under ``jax.jit`` on plain ``params`` (float, unadapted); each matched
-    layer computes ``x^T x`` in the graph and hands it to the host with an ordered
-    ``jax.debug.callback``. A layer inside ``nn.scan`` (a stacked kernel ``[L, in, out]``) is
-    called once per slice in order, so its moment is ``[L, in, in]``, one per slice. Supported:
+    layer computes ``x^T x`` in the graph (float32, highest matmul precision) and hands it to
+    the host with a ``jax.debug.callback``, where the sums are float64. A layer inside
+    ``nn.scan`` (a stacked kernel ``[L, in, out]``) gets one moment per slice, ``[L, in, in]``:
+    each call is credited to the slice whose weights it runs with (found in the graph, so a
+    reversed scan or a layer called twice per step is counted right; slices with identical
+    weights cannot be told apart and the first takes their calls). Supported:
     ``nn.Dense``; ``nn.DenseGeneral`` without ``batch_dims`` (over all its input axes);
     ``nn.Conv`` (its inputs are the patches its kernel contracts with,
     ``[prod(kernel_size) * in]``); ``nn.Einsum`` without an ellipsis (one moment per slice of
@@ -99,15 +102,16 @@ def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
     """
     inner = paths.params_of(params)
     shapes = {p: np.shape(leaf) for p, leaf in paths.flatten(inner).items()}
-    calls: dict[str, list[np.ndarray]] = {}  # this batch's x^T x per call, in call order
-    counts: dict[str, int] = {}
-    layer_ndim: dict[str, int] = {}
-
-    def record(path: str, rows: int, xtx: Any) -> None:
-        calls.setdefault(path, []).append(np.asarray(xtx, np.float64))
-        counts[path] = counts.get(path, 0) + rows
-
+    sums: dict[str, np.ndarray] = {}  # per path: [slices, *moment]
+    counts: dict[str, np.ndarray] = {}  # per path: rows seen by each slice
+    lead: dict[str, tuple[int, ...]] = {}  # per path: its stack axes (nn.scan), if any
+    traced: list[Mapping] = [{}]  # the params as traced in the current run
     probing = [False]  # inside _conv_patches' own conv: not a call of the model
+
+    def record(path: str, rows: int, xtx: Any, index: Any) -> None:
+        i = int(index)
+        sums[path][i] += np.asarray(xtx, np.float64)
+        counts[path][i] += rows
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -118,30 +122,52 @@ def activation_stats(model: nn.Module, params: Mapping, batches: Iterable[Any],
         if not paths.select([path], targets):
             return next_fun(*args, **kwargs)
         xtx, rows = _moment(module, args[0], args, kwargs, path, probing)
-        layer_ndim[path] = len(module.get_variable("params", rule.weight).shape)
-        jax.debug.callback(functools.partial(record, path, rows), xtx, ordered=True)
+        kernel = module.get_variable("params", rule.weight)
+        index = _slice_index(traced[0][path], kernel)
+        if path not in sums:
+            lead[path] = shapes[path][:len(shapes[path]) - kernel.ndim]
+            sums[path] = np.zeros((math.prod(lead[path]), *xtx.shape))
+            counts[path] = np.zeros(math.prod(lead[path]))
+        jax.debug.callback(functools.partial(record, path, rows), xtx, index, ordered=True)
         return next_fun(*args, **kwargs)
 
     kwargs = {} if method is None else {"method": method}
 
     @jax.jit
     def run(variables, args):
+        traced[0] = paths.flatten(variables["params"])
         with nn.intercept_methods(interceptor):
             model.apply(variables, *args, **kwargs)
 
-    sums: dict[str, np.ndarray] = {}
     variables = {"params": inner}
     for batch in batches:
-        calls.clear()
         run(variables, batch if isinstance(batch, tuple) else (batch,))
-        jax.effects_barrier()
-        for path, seen in calls.items():
-            sums[path] = sums.get(path, 0.0) + _per_slice(path, seen, shapes[path],
-                                                           layer_ndim[path])
+    jax.effects_barrier()
     if not sums:
         raise ValueError(f"activation_stats: no call of a layer whose kernel matches "
                          f"{targets!r} ran over the batches")
-    return {p: sums[p] * (_slices(shapes[p], layer_ndim[p]) / counts[p]) for p in sorted(sums)}
+    out = {}
+    for path in sorted(sums):
+        if not counts[path].all():
+            raise ValueError(f"activation_stats: slices {np.flatnonzero(counts[path] == 0)} "
+                             f"of the stacked kernel {path!r} never ran over the batches")
+        moment = sums[path].shape[1:]
+        mean = sums[path] / counts[path].reshape(-1, *[1] * len(moment))
+        out[path] = mean.reshape(*lead[path], *moment)
+    return out
+
+
+def _slice_index(stacked: Any, kernel: Any) -> Any:
+    """Which slice of ``stacked`` (a kernel with leading stack axes, or a plain one) the layer
+    running now holds, in the graph: the one equal to ``kernel``. Inside ``nn.scan`` the
+    iteration is not otherwise known to the layer, and the slices of a trained or randomly
+    initialised stack differ."""
+    n_lead = stacked.ndim - kernel.ndim
+    if n_lead == 0:
+        return jnp.zeros((), jnp.int32)
+    flat = jnp.reshape(stacked, (-1, *kernel.shape))
+    distance = jnp.sum(jnp.abs(flat - kernel[None]), axis=tuple(range(1, flat.ndim)))
+    return jnp.argmin(distance).astype(jnp.int32)
 
 
 def _conv_patches(module: nn.Conv, x: Any, probing: list[bool]) -> Any:
@@ -150,31 +176,12 @@ def _conv_patches(module: nn.Conv, x: Any, probing: list[bool]) -> Any:
     dilations with an identity kernel: output channel j is patch entry j)."""
     kernel = module.get_variable("params", "kernel")
     k = int(np.prod(kernel.shape[:-1]))
-    identity = jnp.eye(k, dtype=x.dtype).reshape(*kernel.shape[:-1], k)
-    probe = module.clone(parent=None, features=k, use_bias=False)
+    identity = jnp.eye(k, dtype=jnp.float32).reshape(*kernel.shape[:-1], k)
+    probe = module.clone(parent=None, features=k, use_bias=False, dtype=jnp.float32,
+                         param_dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST)
     probing[0] = True
     try:
-        patches = probe.apply({"params": {"kernel": identity}}, x)
+        patches = probe.apply({"params": {"kernel": identity}}, x.astype(jnp.float32))
     finally:
         probing[0] = False
     return jnp.reshape(patches, (-1, k))
-
-
-def _slices(shape: tuple[int, ...], ndim: int) -> int:
-    return int(np.prod(shape[:len(shape) - ndim]))
-
-
-def _per_slice(path: str, seen: list[np.ndarray], shape: tuple[int, ...],
-               ndim: int) -> np.ndarray:
-    """One batch's calls of a kernel summed per slice: a plain kernel pools every call; a
-    stacked one (``nn.scan``: the layer sees ``ndim`` of the kernel's axes) takes its calls in
-    slice order, round after round."""
-    lead = shape[:len(shape) - ndim]
-    if not lead:
-        return np.sum(seen, axis=0)
-    n = int(np.prod(lead))
-    if len(seen) % n:
-        raise ValueError(f"activation_stats: {path!r} is stacked {lead} but ran {len(seen)} "
-                         f"times in one batch, not a multiple of {n}")
-    per = np.sum(np.reshape(np.stack(seen), (-1, n, *seen[0].shape)), axis=0)
-    return per.reshape(*lead, *seen[0].shape)

@@ -158,7 +158,9 @@ def compress(params: Mapping, spec: CompressSpec, *, stats: Mapping | None = Non
       spec: the targets and the rank rule.
       stats: ``{path: E[x x^T]}`` from :func:`~lowrank.compression.activation_stats`: each
         target is truncated in the norm of its outputs on those inputs (``||X (W - U V)||``,
-        SVD of ``S W`` with ``S^2 = E[x x^T]``, as SVD-LLM) instead of its weights'.
+        SVD of ``S W`` with ``S^2 = E[x x^T]``, as SVD-LLM) instead of its weights'. A moment
+        is ``[in, in]`` for the whole kernel, or one per slice of a stacked or per-head kernel
+        (``[*slices, in, in]``, the kernel's leading and batch axes).
       layouts: ``{path: Factorization}`` from :func:`lowrank.discover_layouts`, for kernels
         with more than two axes (stacked layers, DenseGeneral, Einsum, Conv).
       quant: also quantize both factors of every compressed kernel (bits and rank combined).

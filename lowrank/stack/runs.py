@@ -8,8 +8,10 @@ logging, checkpointing). Everything else (the task, model, data, steps, batch si
 clipping, dtypes) is one value per stack.
 
 Each member's seed does what it does in its own run: it seeds the adapter initialisation,
-the per-step PRNG keys (adapter dropout) and the data order. Members with one seed share each
-batch; members with different seeds get their own batches, stacked along the member axis.
+the per-step PRNG keys (adapter dropout), the data order and, where the task draws leaves
+from the seed (``Task.seeded_params``: a new classifier head), the initial values of those
+leaves. Members with one seed share each batch; members with different seeds get their own
+batches, stacked along the member axis.
 """
 
 from __future__ import annotations

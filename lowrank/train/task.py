@@ -67,9 +67,11 @@ class Task:
         None: every process builds the whole batch and keeps its rows.
       seeded_params: ``seed -> params`` a run of that seed starts from, where the task draws
         some of them from the seed (a new classifier head) and every run trains those
-        leaves; ``params`` is the tree of the seed the task was built for. A stack of runs
-        (``lowrank.stack``) initialises each member from its own seed's tree, so it can hold
-        several seeds. None: ``params`` for every seed.
+        leaves; ``params`` is the tree of the seed the task was built for (``train`` uses
+        it as it is). A stack of runs (``lowrank.stack``) initialises each member from its
+        own seed's tree, so it can hold several seeds; the returned tree must reuse
+        ``params``' leaf objects except the drawn ones (they are found by identity).
+        None: ``params`` for every seed.
 
     >>> import jax.numpy as jnp
     >>> model = nn.Dense(2)
