@@ -32,7 +32,6 @@ from configs import protocol
 from configs.common import parse_variant
 from configs.finetune_bbc import get_config as bbc_config
 from configs.lm_domain import get_config as lm_config
-from configs.rank_ablation import EPOCHS, TRAIN_EXAMPLES
 
 BUDGETS = (0.0, 0.5, 0.25)  # fraction of the transformer kernels' parameters kept; 0: dense
 FORMATS = ("none", "int8", "nf4")
@@ -73,12 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if variant.startswith("lm"):
             protocol.apply_lm(config, tiny=tiny)
         else:
-            protocol.apply(config, epochs=2 if tiny else EPOCHS,
-                           train_examples=config.data.train_examples if tiny else TRAIN_EXAMPLES)
+            protocol.apply_bbc(config, tiny=tiny)
         rates = LM_LORA_RATES if variant.startswith("lm") else LORA_RATES
         config.sweep.learning_rates.lora = rates[1:] if tiny else rates
-        if tiny and not variant.startswith("lm"):
-            config.sweep.learning_rates.head = config.sweep.learning_rates.head[1:]
         config.lora.alpha = 2.0 * config.lora.rank  # the protocol's constant scale 2
     config.lock()
     return config

@@ -35,7 +35,6 @@ from configs import protocol
 from configs.common import parse_variant
 from configs.finetune_bbc import get_config as bbc_config
 from configs.lm_domain import get_config as lm_config
-from configs.rank_ablation import EPOCHS, TRAIN_EXAMPLES
 
 METHODS = {
     "lora": {},
@@ -72,12 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = bbc_config(arg)
     with config.unlocked():
         config.sweep.methods = tuple(m for m in METHODS if m != "none")
-        if variant == "tiny":
-            protocol.apply(config, epochs=2, train_examples=config.data.train_examples)
-            for name, rates in config.sweep.learning_rates.items():
-                config.sweep.learning_rates[name] = rates[1:]
-        else:
-            protocol.apply(config, epochs=EPOCHS, train_examples=TRAIN_EXAMPLES)
+        protocol.apply_bbc(config, tiny=variant == "tiny")
     return config
 
 

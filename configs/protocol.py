@@ -78,6 +78,30 @@ def apply(config: ml_collections.ConfigDict, *, epochs: int, train_examples: int
     config.sweep.scales = SCALES
 
 
+BBC_EPOCHS = 3
+BBC_TRAIN_EXAMPLES = 1779  # the BBC training split (lowrank.data.split_bbc)
+
+
+def apply_bbc(config: ml_collections.ConfigDict, *, tiny: bool = False) -> None:
+    """Sets a BBC News config (``configs/finetune_bbc.py``, unlocked) to the protocol: 3 epochs
+    over the training split; ``tiny`` (the tiny model's few articles): 2 epochs and the upper
+    two rates of each grid.
+
+    >>> from configs.finetune_bbc import get_config
+    >>> c = get_config()
+    >>> with c.unlocked():
+    ...     apply_bbc(c)
+    >>> c.steps, c.eval.every, c.eval.select
+    (165, 55, 'accuracy')
+    """
+    if tiny:
+        apply(config, epochs=2, train_examples=config.data.train_examples)
+        for name, rates in config.sweep.learning_rates.items():
+            config.sweep.learning_rates[name] = rates[1:]
+    else:
+        apply(config, epochs=BBC_EPOCHS, train_examples=BBC_TRAIN_EXAMPLES)
+
+
 LM_TRAIN_WINDOWS = 3272  # English training windows of 128 bytes (lowrank.data.lm_windows)
 LM_EVAL_WINDOWS = 160  # validation and test each; 342 held-out windows in all
 

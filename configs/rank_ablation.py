@@ -27,8 +27,6 @@ LEARNING_RATES = {"lora": (1e-3, 3e-3, 1e-2), "full": (3e-5, 1e-4, 3e-4)}
 """The protocol's adapter and full fine-tuning grids moved one step up: in the method comparison
 (``configs/method_ablation.py``) LoRA, rsLoRA and full fine-tuning chose the top of
 ``protocol.LEARNING_RATES`` on this task (the head chose the middle of its grid, kept)."""
-EPOCHS = 3
-TRAIN_EXAMPLES = 1779  # the BBC training split (lowrank.data.split_bbc)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -56,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.sweep.learning_rates.full = (3e-5, 1e-4)
             config.sweep.learning_rates.head = (1e-2, 3e-2)
         else:
-            protocol.apply(config, epochs=EPOCHS, train_examples=TRAIN_EXAMPLES)
+            protocol.apply_bbc(config)
             config.sweep.learning_rates.update(LEARNING_RATES)
     return config
 

@@ -103,3 +103,36 @@ def test_report_tunes_each_base_then_compares_equal_sizes_paired():
     (line,) = report.comparisons(frame, "compress_ablation")
     assert "rank 25% + float32 (8.00 bits) against dense int8 (8.50 bits): 50.0% vs 100.0%" \
         in line and line.endswith("fewer bits better, beyond noise.")
+
+
+def _lm_row(budget, fmt, lr, seed, losses, val, bits=np.nan):
+    losses = np.asarray(losses, float)
+    return {"experiment": "compress_ablation:lm", "seed": seed,
+            "config_hash": f"{budget}{fmt}{lr}{seed}", "config.compress.budget": budget,
+            "config.quant.fmt": fmt, "config.method": "lora",
+            "config.optimizer.learning_rate": lr, "config.eval.select": "perplexity",
+            "config.model.num_layers": 4, "config.model.hidden_size": 128, "config.steps": 9,
+            "metric.quant_bits_per_param": bits, "metric.weight_rmse": 0.01,
+            "metric.accuracy": np.nan, "metric.perplexity": float(np.exp(losses.mean())),
+            "metric.val_perplexity": val, "metric.val_loss": np.log(val),
+            "predictions": json.dumps({"nll": list(2 * losses), "tokens": [2] * len(losses)})}
+
+
+def test_lm_report_reads_lower_perplexity_as_better():
+    report = _report_module()
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1.5, 2.5, 100)
+    frame = pd.DataFrame([
+        _lm_row(0.0, "nf4", 1e-2, 0, base + 0.1, 8.0, bits=4.5),
+        _lm_row(0.5, "int8", 1e-2, 0, base, 7.5, bits=4.25),  # low rank: lower loss
+        _lm_row(0.5, "int8", 3e-2, 0, base + 1.0, 9.0, bits=4.25),  # worse on validation
+        _lm_row(0.0, "none", 1e-2, 0, base - 0.2, 7.0)])
+    rows = {r[0]: r for r in report.table(frame, "compress_ablation:lm").rows}
+    assert rows["rank 50% + int8"][4] == "0.01"  # chosen on validation perplexity (lower)
+    assert rows["rank 50% + int8"][6].startswith("+0.2000 [") and "†" in rows[
+        "rank 50% + int8"][6]  # worse than the dense float base by 0.2 nats, beyond noise
+    (line,) = report.comparisons(frame, "compress_ablation:lm")
+    assert "rank 50% + int8 (4.25 bits) against dense nf4 (4.50 bits)" in line
+    assert "-0.1000 nats/token" in line and line.endswith("low rank better, beyond noise.")
+    assert report.pareto([(32, 7.0), (4.5, 8.0), (4.25, 7.5)], higher_is_better=False) == [
+        (4.25, 7.5), (32, 7.0)]
