@@ -93,7 +93,7 @@ def check_experiment_fields(config: ml_collections.ConfigDict, family: str) -> N
     >>> check_experiment_fields(c, "bert")
     Traceback (most recent call last):
     ...
-    ValueError: config.method 'lorra' is not one of ('lora', 'full', 'head')
+    ValueError: config.method 'lorra' is not one of ('lora', 'full', 'head', 'none')
     """
     if config.method not in METHODS:
         raise ValueError(f"config.method {config.method!r} is not one of {METHODS}")
