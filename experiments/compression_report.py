@@ -205,45 +205,55 @@ def pareto(points: Sequence[tuple[float, float]],
 
 
 def plot(frame: pd.DataFrame, experiments: Sequence[str], path: Path) -> None:
-    """One panel per experiment: score (mean, error bar = std over seeds) against bits per
-    kernel parameter, each recovery's Pareto front drawn."""
+    """One panel per experiment: each base's paired difference from the dense float32 base
+    with the same recovery (nats per token on the LM task, accuracy points on BBC; the bar is
+    its 95% paired-bootstrap interval) against bits per kernel parameter, each recovery's
+    Pareto front drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     present = [e for e in experiments if not experiment_runs(frame, e).empty]
-    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(6.0 * max(1, len(present)), 4.8),
+    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(6.4 * max(1, len(present)), 5.2),
                              squeeze=False)
     colours = {"head": "tab:grey", "none": "tab:grey", "lora": "tab:blue"}
     for ax, experiment in zip(axes[0], present, strict=False):
         runs = experiment_runs(frame, experiment)
         lm = is_lm(runs)
-        by_method: dict[str, list] = {}
-        for (budget, fmt, method), rows in settings(runs).items():
-            by_method.setdefault(method, []).append((budget, fmt, rows))
-        for method, items in sorted(by_method.items()):
+        scale = 1.0 if lm else 100.0
+        cells = settings(runs)
+        for method in sorted({m for _, _, m in cells}):
             colour = colours.get(method, "tab:green")
+            reference = cells.get((0.0, "none", method))
             points = []
-            for budget, fmt, rows in items:
-                values, x = score(rows), kernel_bits(rows)
-                err = values.std(ddof=1) if len(values) > 1 else 0.0
-                ax.errorbar(x, values.mean(), yerr=err, color=colour, capsize=3, zorder=3,
+            for (budget, fmt, m), rows in cells.items():
+                if m != method or reference is None:
+                    continue
+                x = kernel_bits(rows)
+                d = None if rows.index.equals(reference.index) else compare(rows, reference)
+                y = 0.0 if d is None else scale * d.difference
+                err = [[0.0], [0.0]] if d is None else [[y - scale * d.low],
+                                                        [scale * d.high - y]]
+                ax.errorbar(x, y, yerr=err, color=colour, capsize=3, zorder=3,
                             marker="s" if not budget else "o", linestyle="none")
-                ax.annotate(base_name(budget, fmt), (x, values.mean()), fontsize=6,
-                            xytext=(3, 2), textcoords="offset points")
-                points.append((x, values.mean()))
+                ax.annotate(base_name(budget, fmt), (x, y), fontsize=6, color=colour,
+                            xytext=(4, -3 if method == "lora" else 3),
+                            textcoords="offset points")
+                points.append((x, y))
             front = pareto(points, higher_is_better=not lm)
-            ax.plot(*zip(*front, strict=True), color=colour, lw=1,
-                    label=f"{RECOVERY.get(method, method)} (Pareto front)")
+            if front:
+                ax.plot(*zip(*front, strict=True), color=colour, lw=1,
+                        label=f"{RECOVERY.get(method, method)} (Pareto front)")
+        ax.axhline(0.0, color="k", lw=0.5)
         ax.scatter([], [], color="k", marker="s", label="quantized only")
         ax.scatter([], [], color="k", marker="o", label="low rank (+ quantized factors)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bits per transformer-kernel parameter (log scale)")
-        ax.set_ylabel("test perplexity (LM task)" if lm else "BBC News test accuracy (%)")
-        if lm:
-            ax.set_yscale("log")
-        ax.set_title(experiment, fontsize=9)
+        ax.set_ylabel("test loss - dense float32's (nats / token; lower is better)" if lm else
+                      "test accuracy - dense float32's (points; higher is better)")
+        ax.set_title(f"{experiment}: vs the dense float32 base with the same recovery",
+                     fontsize=9)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
         ax.grid(alpha=0.3)
     fig.tight_layout()

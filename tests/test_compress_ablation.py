@@ -136,3 +136,18 @@ def test_lm_report_reads_lower_perplexity_as_better():
     assert "-0.1000 nats/token" in line and line.endswith("low rank better, beyond noise.")
     assert report.pareto([(32, 7.0), (4.5, 8.0), (4.25, 7.5)], higher_is_better=False) == [
         (4.25, 7.5), (32, 7.0)]
+
+
+def test_committed_compression_block_is_generated_from_the_committed_rows():
+    report = _report_module()
+    import report_summary
+
+    frame = report.load_runs(ROOT / "experiments" / "results" / "compression_runs.csv")
+    experiments = [e for e in report.EXPERIMENTS if e in set(frame["experiment"])]
+    assert experiments
+    generated = report_summary.block(report.summary(frame, experiments))
+    assert report_summary.readme_block(ROOT / "experiments" / "results" / "compression.md") \
+        == generated, ("compression.md's block differs from what compression_runs.csv gives: "
+                       "run python experiments/compression_report.py "
+                       "--db=experiments/results/compression_runs.csv "
+                       "--readme=experiments/results/compression.md")

@@ -107,7 +107,8 @@ def test_reproduce_sh_pins_the_commits_the_committed_rows_record(tmp_path):
     (stale / "experiments" / "results" / "runs.csv").write_text(COMMITTED.read_text())
     done = subprocess.run(["bash", str(stale / "experiments/results/reproduce.sh")],
                           capture_output=True, text=True, env=env)
-    assert done.returncode == 1 and "differ from those runs.csv records" in done.stderr
+    assert done.returncode == 1
+    assert "differ from those experiments/results/runs.csv records" in done.stderr
 
 
 # ---- the :tiny BBC subsets ------------------------------------------------------------------
