@@ -34,7 +34,7 @@ def test_the_sweep_covers_every_budget_format_and_recovery_at_every_rate_of_its_
     hashes = {results.config_hash(results.apply_overrides(config, r)) for r in runs}
     assert len(hashes) == len(runs)
     assert {r["optimizer.learning_rate"] for r in runs if r["method"] == "lora"} == {
-        1e-3, 3e-3, 1e-2}
+        3e-4, 1e-3, 3e-3}
     assert {r["optimizer.learning_rate"] for r in runs if r["method"] == "head"} == {
         3e-3, 1e-2, 3e-2}
     refs = {(r["quant.fmt"], r["method"]) for r in runs if r["compress.budget"] == 0.0}
