@@ -74,7 +74,14 @@ def settings(runs: pd.DataFrame) -> dict[tuple[float, str, str], pd.DataFrame]:
     keys = zip(runs["config.compress.budget"].astype(float), runs["config.quant.fmt"].astype(str),
                runs["config.method"].astype(str), strict=True)
     labels = pd.Series(list(keys), index=runs.index)
-    return {key: runs[labels == key] for key in dict.fromkeys(labels)}
+    out = {key: runs[labels == key] for key in dict.fromkeys(labels)}
+    for key, rows in out.items():
+        if tuning.cells(rows).nunique() > 1:
+            print(f"compression_report.py: warning: the rows of {base_name(*key[:2])} / "
+                  f"{key[2]} come from {tuning.cells(rows).nunique()} different settings "
+                  "(another --db, or config overrides): they are averaged together",
+                  file=sys.stderr)
+    return out
 
 
 def kernel_bits(rows: pd.DataFrame) -> float:
