@@ -92,8 +92,8 @@ def test_run_script_rejects_unknown_override_listing_valid_keys():
 def test_sweeps_expand_to_the_papers_grids():
     module, config = common.load("configs/rank_ablation.py")
     runs = sweep.expand(module, config, seeds=2)
-    # 5 target sets x 6 ranks x 2 scale conventions x 3 learning rates, 2 baselines x 3 rates
-    assert len(runs) == 2 * (5 * 6 * 2 * 3 + 2 * 3)
+    # 5 target sets x 6 ranks x 2 scale conventions x 4 learning rates, 2 baselines x 3 rates
+    assert len(runs) == 2 * (5 * 6 * 2 * 4 + 2 * 3)
     assert runs[0] == {"method": "lora", "adapt": "q", "lora.rank": 1, "lora.alpha": 2.0,
                        "lora.rslora": False, "optimizer.learning_rate": 3e-4, "seed": 0}
     assert {r["lora.rank"] for r in runs if "lora.rank" in r} == {1, 2, 4, 8, 16, 64}
