@@ -99,7 +99,7 @@ def test_sweeps_expand_to_the_papers_grids():
     assert {r["lora.rank"] for r in runs if "lora.rank" in r} == {1, 2, 4, 8, 16, 64}
     assert {(r["lora.alpha"] / r["lora.rank"]) for r in runs
             if "lora.rank" in r and not r["lora.rslora"]} == {2.0}  # a constant scale
-    assert [r["seed"] for r in runs[:186]] == [0] * 186  # every setting once before any twice
+    assert [r["seed"] for r in runs] == [0] * 246 + [1] * 246  # every setting once, then again
     hashes = {results.config_hash(results.apply_overrides(config, r)) for r in runs}
     assert len(hashes) == len(runs)
     module, config = common.load("configs/quant_ablation.py")
