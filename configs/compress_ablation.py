@@ -19,7 +19,7 @@ compression does), recovery LoRA r=8. On MiniLM LoRA's rates are the protocol's 
 (3e-4, 1e-3, 3e-3: on every linear layer 1e-2 diverged and 1e-3 did best in a first try); on
 the LM task, where LoRA chose the top of that grid in the method comparison and 1e-2 was the
 best by far on the first bases tried (validation perplexity 7.2 against 8.3 at 3e-3 and 9.6 at
-1e-3), they come from :data:`LM_LORA_RATES`, two steps higher.
+1e-3), they come from :data:`configs.protocol.LM_LORA_RATES`, two steps higher.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from configs.lm_domain import get_config as lm_config
 
 BUDGETS = (0.0, 0.5, 0.25)  # fraction of the transformer kernels' parameters kept; 0: dense
 FORMATS = ("none", "int8", "nf4")
-LM_LORA_RATES = (3e-3, 1e-2, 3e-2)
 RECOVERY = {"none": {"method": "head"}, "lora": {"method": "lora"}}
 LM_RECOVERY = {"none": {"method": "none"}, "lora": {"method": "lora"}}
 GRIDS = {"head": "head", "lora": "lora", "none": None}
@@ -73,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         else:
             protocol.apply_bbc(config, tiny=tiny)
         if variant.startswith("lm"):
-            config.sweep.learning_rates.lora = LM_LORA_RATES[1:] if tiny else LM_LORA_RATES
+            config.sweep.learning_rates.lora = protocol.LM_LORA_RATES[1 if tiny else 0:]
         config.lora.alpha = 2.0 * config.lora.rank  # the protocol's constant scale 2
     config.lock()
     return config

@@ -5,22 +5,36 @@ perplexity on held-out English.
 
     python experiments/run.py --config=configs/lm_domain.py
     python experiments/sweep.py --config=configs/lm_domain.py --seeds=1   # LoRA vs QLoRA
+    python experiments/tune.py --config=configs/lm_domain.py:protocol --seeds=3
+
+"protocol" (and "protocol_tiny") is QLoRA's Tables 2 and 3 on this task under the results
+protocol (``configs/protocol.py``, ``protocol.apply_lm``: one epoch, test perplexity at the best
+validation point, each test window's loss stored): for each base data type of
+``configs/quant_ablation.py`` the base as stored, nothing trained (Table 2 on the target
+domain), and LoRA over it at the rate chosen on validation from
+:data:`configs.protocol.LM_LORA_RATES` (Table 3), against full fine-tuning of the float32 base
+(:data:`configs.protocol.LM_FULL_RATES`).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from configs import protocol
 from configs.common import base_config, parse_variant
+from configs.quant_ablation import DATA_TYPES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config of ``arg`` ("tiny" or the default).
+    """The config of ``arg`` ("tiny", "protocol", "protocol_tiny" or the default).
 
     >>> get_config("tiny").pretrain.steps
     4
+    >>> c = get_config("protocol")
+    >>> c.steps, c.eval.select, c.sweep.learning_rates.lora, c.sweep.data_types[-1]
+    (204, 'perplexity', (0.003, 0.01, 0.03), 'nf4+dq')
     """
-    variant = parse_variant(arg)
+    variant = parse_variant(arg, ("default", "tiny", "protocol", "protocol_tiny"))
     config = base_config("configs.tasks:lm_domain")
     config.adapt = "all"
     config.model = ml_collections.ConfigDict(dict(
@@ -38,13 +52,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.schedule, config.optimizer.warmup_steps = "warmup_cosine", 10
     config.optimizer.clip_norm = 1.0
     config.sweep.data_types = ("none", "nf4")
-    if variant == "tiny":
+    if variant.endswith("tiny"):
         config.model.update(dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
         config.data.update(dict(seq_len=16, python_max_bytes=100_000, eval_windows=8,
                                 eval_batch_size=8))
         config.pretrain.update(dict(steps=4, batch_size=4))
         config.steps, config.batch_size = 3, 4
         config.optimizer.warmup_steps = 1
+    if variant.startswith("protocol"):
+        tiny = variant.endswith("tiny")
+        protocol.apply_lm(config, tiny=tiny)
+        config.sweep.learning_rates.lora = protocol.LM_LORA_RATES[1 if tiny else 0:]
+        config.sweep.learning_rates.full = protocol.LM_FULL_RATES[1 if tiny else 0:]
+        config.sweep.data_types = tuple(DATA_TYPES)
     config.lock()
     return config
 
@@ -55,13 +75,24 @@ FULL_LEARNING_RATE = 3e-4  # full fine-tuning's rate (not tuned: the protocol's 
 def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
     """The baseline (the pretrained base's held-out perplexity on the target domain, nothing
     trained), full fine-tuning, then LoRA over the float32 base and QLoRA over each data type
-    in the grid.
+    in the grid. Under the protocol: each data type's base untrained and LoRA over it at every
+    rate of its grid, and full fine-tuning at every rate of its own.
 
     >>> get_sweep(get_config())[:2]
     [{'method': 'none'}, {'method': 'full', 'optimizer.learning_rate': 0.0003}]
     >>> get_sweep(get_config())[2:]
     [{'quant.fmt': 'none'}, {'quant.fmt': 'nf4'}]
+    >>> runs = get_sweep(get_config("protocol"))
+    >>> len(runs), runs[-1]
+    (27, {'method': 'full', 'optimizer.learning_rate': 0.0003})
     """
+    if "learning_rates" in config.sweep:
+        runs = []
+        for name in config.sweep.data_types:
+            base = {**DATA_TYPES[name]}
+            runs.append({**base, "method": "none"})
+            runs += [{**base, "method": "lora", **lr} for lr in protocol.lr_grid(config, "lora")]
+        return runs + [{"method": "full", **lr} for lr in protocol.lr_grid(config, "full")]
     baselines = [{"method": "none"}, {"method": "full",
                                       "optimizer.learning_rate": FULL_LEARNING_RATE}]
     return baselines + [{"quant.fmt": fmt} for fmt in config.sweep.data_types]

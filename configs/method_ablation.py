@@ -51,7 +51,6 @@ METHODS = {
 GRIDS = {"vera": "vera", "full": "full", "head": "head", "none": None}
 """The learning-rate grid of ``protocol.LEARNING_RATES`` each method takes ("lora" if absent;
 None: nothing trained, nothing to tune)."""
-LM_FULL_RATES = (3e-5, 1e-4, 3e-4)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -80,7 +79,7 @@ def _lm(tiny: bool) -> ml_collections.ConfigDict:
     with config.unlocked():
         config.sweep.methods = tuple(m for m in METHODS if m != "head")
         protocol.apply_lm(config, tiny=tiny)
-        config.sweep.learning_rates.full = LM_FULL_RATES[1:] if tiny else LM_FULL_RATES
+        config.sweep.learning_rates.full = protocol.LM_FULL_RATES[1 if tiny else 0:]
     config.lock()
     return config
 

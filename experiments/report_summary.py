@@ -19,6 +19,7 @@ from report_tables import (
     DATA_TYPES,
     data_type,
     kind_of,
+    lm_methods,
     paired,
     paired_loss,
     rank_rows,
@@ -152,21 +153,64 @@ def quant_lines(runs: pd.DataFrame, name: str) -> list[str]:
     return lines
 
 
+def _loss_verdict(d: stats.PairedDifference) -> str:
+    where = "beyond noise" if d.excludes_zero else "within noise"
+    return f"{d.difference:+.4f} [{d.low:+.4f}, {d.high:+.4f}] ({where})"
+
+
 def lm_lines(runs: pd.DataFrame, name: str) -> list[str]:
-    names = runs.apply(data_type, axis=1)
-    methods = (runs["config.method"].fillna("lora") if "config.method" in runs
-               else pd.Series("lora", index=runs.index))
+    names, methods = runs.apply(data_type, axis=1), lm_methods(runs)
     lora = methods == "lora"
     parts = [f"{d} {runs[lora & (names == d)]['metric.perplexity'].mean():.2f}"
              for d in DATA_TYPES if d in set(names[lora])]
     if not parts:
         return []
+    if "metric.best_step" in runs and runs["metric.best_step"].notna().any():
+        return _lm_protocol_lines(runs, name, names, methods)
     line = (f"**{name}**: held-out English perplexity after LoRA, by base data type: "
             + ", ".join(parts) + " (mean over seeds)")
     for method, label in (("none", "the base not adapted"), ("full", "full fine-tuning")):
         if (methods == method).any():
             line += f"; {label}: {runs[methods == method]['metric.perplexity'].mean():.2f}"
     return [line + "."]
+
+
+def _lm_protocol_lines(runs: pd.DataFrame, name: str, names: pd.Series,
+                       methods: pd.Series) -> list[str]:
+    """QLoRA's Tables 2 and 3 on the LM task: each data type against float32 before
+    adaptation (method "none") and after LoRA, paired over the test windows."""
+    seeds = sorted(int(s) for s in runs["seed"].unique())
+    protocol = _protocol(runs).replace("accuracy at the best validation epoch",
+                                       "perplexity at the best validation point")
+    lines = [f"**{name}** ({len(seeds)} seeds; {protocol}; loss minus the float32 base's "
+             "under the same method, nats per token, 95% paired bootstrap over the test "
+             "windows):"]
+    for method, label in (("none", "Before adaptation (the base as stored, QLoRA's Table 2 on "
+                                   "the target domain)"),
+                          ("lora", "After LoRA (Table 3)")):
+        sel, sel_names = runs[methods == method], names[methods == method]
+        if "float32" not in set(sel_names):
+            continue
+        reference = sel[sel_names == "float32"]
+        ppl = {d: sel[sel_names == d]["metric.perplexity"].mean() for d in DATA_TYPES
+               if d in set(sel_names)}
+        tests = [f"{d} {ppl[d]:.3f}, {_loss_verdict(diff)}" for d in ppl if d != "float32"
+                 and (diff := paired_loss(sel[sel_names == d], reference)) is not None]
+        four_bit = sorted((d for d in PAPER_ORDER if d in ppl), key=ppl.get)
+        paper = [d for d in PAPER_ORDER if d in four_bit]
+        order = (" < ".join(four_bit) + (" (the paper's order)" if four_bit == paper
+                                         else f" (the paper's: {' < '.join(paper)})")
+                 if len(four_bit) > 1 else "")
+        lines.append(f"- {label}: float32 perplexity {ppl['float32']:.3f}; "
+                     + "; ".join(tests) + (f". 4-bit types by perplexity: {order}" if order
+                                           else "") + ".")
+    full = runs[methods == "full"]
+    reference = runs[(methods == "lora") & (names == "float32")]
+    if not full.empty and (diff := paired_loss(full, reference)) is not None:
+        lines.append(f"- Full fine-tuning of the float32 base: perplexity "
+                     f"{full['metric.perplexity'].mean():.3f}, against LoRA over float32 "
+                     f"{_loss_verdict(diff)}.")
+    return lines
 
 
 def perplexity_lines(runs: pd.DataFrame, name: str) -> list[str]:

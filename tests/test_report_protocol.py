@@ -191,3 +191,41 @@ def test_rows_written_before_and_after_a_defaulted_field_was_added_share_a_cell(
     assert tuning.tuned(frame)["config_hash"].tolist() == ["b", "d"]
     frame.loc[2:, "config.model.dropout"] = 1.0  # really another setting: its own choice
     assert tuning.tuned(frame)["config_hash"].tolist() == ["b", "c"]
+
+
+def test_lm_table_pairs_each_type_with_the_float_base_under_its_own_method():
+    """QLoRA's Tables 2 and 3 on the LM task: an untrained nf4 base is compared with the
+    untrained float32 one, LoRA over nf4 with LoRA over float32, full fine-tuning with LoRA
+    over float32; each against the paired bootstrap computed here over the windows."""
+    db = results.ResultsDB(":memory:")
+    rng = np.random.default_rng(1)
+    tokens = np.full(48, 16.0)
+    base = rng.uniform(2.0, 3.0, 48)
+    losses = {("none", "none"): base, ("none", "nf4"): base + 0.02 + rng.normal(0, 0.01, 48),
+              ("lora", "none"): base - 0.5, ("lora", "nf4"): base - 0.5 + rng.normal(0, 0.01, 48),
+              ("full", "none"): base - 0.6}
+    model = {"num_layers": 2, "hidden_size": 32}
+    for (method, fmt), loss in losses.items():
+        db.write({"method": method, "seed": 0, "steps": 8, "model": model,
+                  "lora": {"rank": 8}, "quant": {"fmt": fmt}},
+                 {"perplexity": float(np.exp(loss.mean())), "train_loss": 1.0,
+                  "best_step": 8, "weight_rmse": 0.0, "quant_bits_per_param": 4.5},
+                 experiment="lm_domain:x",
+                 predictions=json.dumps({"nll": (loss * tokens).tolist(),
+                                         "tokens": tokens.tolist()}))
+    frame = db.frame("ok")
+    rows = {(r[0], r[1]): r for r in report.lm_table(frame, "lm_domain:x").rows}
+
+    def cell(a, b):
+        d = stats.paired_bootstrap(losses[a], losses[b])
+        mark = "†" if d.excludes_zero else ""
+        return f"{d.difference:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{mark}"
+
+    assert rows[("pretrained base, not adapted", "nf4")][-1] == cell(("none", "nf4"),
+                                                                      ("none", "none"))
+    assert rows[("LoRA", "nf4")][-1] == cell(("lora", "nf4"), ("lora", "none"))
+    assert rows[("full fine-tuning", "float32")][-1] == cell(("full", "none"), ("lora", "none"))
+    assert rows[("LoRA", "float32")][-1] == ""
+    lines = report_summary.summary_lines(frame)
+    assert lines[1].startswith("- Before adaptation") and "(beyond noise)" in lines[1]
+    assert lines[3].startswith("- Full fine-tuning") and "(beyond noise)" in lines[3]
