@@ -19,7 +19,9 @@ compression does), recovery LoRA r=8. On MiniLM LoRA's rates are the protocol's 
 (3e-4, 1e-3, 3e-3: on every linear layer 1e-2 diverged and 1e-3 did best in a first try); on
 the LM task, where LoRA chose the top of that grid in the method comparison and 1e-2 was the
 best by far on the first bases tried (validation perplexity 7.2 against 8.3 at 3e-3 and 9.6 at
-1e-3), they come from :data:`configs.protocol.LM_LORA_RATES`, two steps higher.
+1e-3), they come from :data:`configs.protocol.LM_LORA_RATES`, two steps higher. On MiniLM the
+head alone over a compressed base chose the top of the head's grid (3e-2) in the first pass, so
+its grid gained 1e-1 (:data:`HEAD_RATES`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from configs.lm_domain import get_config as lm_config
 BUDGETS = (0.0, 0.5, 0.25)  # fraction of the transformer kernels' parameters kept; 0: dense
 FORMATS = ("none", "int8", "nf4")
 RECOVERY = {"none": {"method": "head"}, "lora": {"method": "lora"}}
+HEAD_RATES = (*protocol.LEARNING_RATES["head"], 1e-1)
 LM_RECOVERY = {"none": {"method": "none"}, "lora": {"method": "lora"}}
 GRIDS = {"head": "head", "lora": "lora", "none": None}
 """The learning-rate grid of ``config.sweep.learning_rates`` each method takes (None: nothing
@@ -71,6 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             protocol.apply_lm(config, tiny=tiny)
         else:
             protocol.apply_bbc(config, tiny=tiny)
+            if not tiny:
+                config.sweep.learning_rates.head = HEAD_RATES
         if variant.startswith("lm"):
             config.sweep.learning_rates.lora = protocol.LM_LORA_RATES[1 if tiny else 0:]
         config.lora.alpha = 2.0 * config.lora.rank  # the protocol's constant scale 2
@@ -83,7 +88,7 @@ def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
 
     >>> runs = get_sweep(get_config())
     >>> len(runs), runs[0]
-    (54, {'compress.budget': 0.0, 'quant.fmt': 'none', 'method': 'head', \
+    (63, {'compress.budget': 0.0, 'quant.fmt': 'none', 'method': 'head', \
 'optimizer.learning_rate': 0.003})
     >>> len(get_sweep(get_config("lm")))   # no recovery is one untrained run per base
     36
