@@ -13,9 +13,9 @@ validation point, each test window's loss stored): for each base data type of
 ``configs/quant_ablation.py`` the base as stored, nothing trained (Table 2 on the target
 domain), and LoRA over it at the rate chosen on validation from
 :data:`configs.protocol.LM_LORA_RATES` (Table 3), against full fine-tuning of the float32 base
-(:data:`FULL_RATES`: the protocol's LM grid and two steps above it, up to the rate the model
-was pretrained at, since full fine-tuning chose that grid's top, 3e-4, in the method comparison
-and in this experiment's first pass, then 1e-3, the next top, in the second).
+(:data:`FULL_RATES`: the protocol's LM grid and three steps above it, since full fine-tuning
+chose that grid's top, 3e-4, in the method comparison and in this experiment's first pass, and
+then each new top in turn: 1e-3, then 3e-3, the rate the model was pretrained at).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from configs import protocol
 from configs.common import base_config, parse_variant
 from configs.quant_ablation import DATA_TYPES
 
-FULL_RATES = (*protocol.LM_FULL_RATES, 1e-3, 3e-3)
+FULL_RATES = (*protocol.LM_FULL_RATES, 1e-3, 3e-3, 1e-2)
 """Full fine-tuning's grid under the protocol (see the module docstring)."""
 
 
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         tiny = variant.endswith("tiny")
         protocol.apply_lm(config, tiny=tiny)
         config.sweep.learning_rates.lora = protocol.LM_LORA_RATES[1 if tiny else 0:]
-        config.sweep.learning_rates.full = FULL_RATES[3 if tiny else 0:]
+        config.sweep.learning_rates.full = FULL_RATES[4 if tiny else 0:]
         config.sweep.data_types = tuple(DATA_TYPES)
     config.lock()
     return config
@@ -89,7 +89,7 @@ def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
     [{'quant.fmt': 'none'}, {'quant.fmt': 'nf4'}]
     >>> runs = get_sweep(get_config("protocol"))
     >>> len(runs), runs[-1]
-    (29, {'method': 'full', 'optimizer.learning_rate': 0.003})
+    (30, {'method': 'full', 'optimizer.learning_rate': 0.01})
     """
     if "learning_rates" in config.sweep:
         runs = []
