@@ -110,6 +110,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def unhashed(name: str) -> bool:
+    """Whether the flattened config field ``name`` is one :data:`UNHASHED` leaves out of the
+    hash (it does not change what a run computes).
+
+    >>> unhashed("sweep.learning_rates.lora"), unhashed("workdir"), unhashed("lora.rank")
+    (True, True, False)
+    """
+    return any(name == u or (u.endswith(".") and name.startswith(u)) for u in UNHASHED)
+
+
 def config_hash(config: Any) -> str:
     """SHA-256 (16 hex digits) of the config's flattened fields, except those in ``UNHASHED``
     (workdir, logging, checkpointing): two runs with the same hash compute the same thing.
@@ -124,7 +134,7 @@ def config_hash(config: Any) -> str:
     """
     flat_missing = object()
     flat = {k: _jsonable(v) for k, v in flatten(_plain(config)).items()
-            if not any(k == u or (u.endswith(".") and k.startswith(u)) for u in UNHASHED)
+            if not unhashed(k)
             and _jsonable(HASHED_UNLESS_DEFAULT.get(k, flat_missing)) != _jsonable(v)}
     text = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

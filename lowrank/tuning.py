@@ -23,18 +23,22 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lowrank.results import HASHED_UNLESS_DEFAULT
+from lowrank.results import HASHED_UNLESS_DEFAULT, unhashed
 
 LEARNING_RATE = "config.optimizer.learning_rate"
 
 
 def _absent(key: str, value: Any) -> bool:
-    """Whether a row's field counts as not set: missing (NaN, None), or at the default of a
-    field added after older rows were written (``results.HASHED_UNLESS_DEFAULT``: those rows
-    lack it), so old and new rows of one setting fall in one cell, as their hashes do."""
+    """Whether a row's field counts as not set: missing (NaN, None), one the config hash
+    leaves out (``results.UNHASHED``: the sweep's grids, the workdir; a grid widened between
+    passes must not split a setting), or at the default of a field added after older rows
+    were written (``results.HASHED_UNLESS_DEFAULT``: those rows lack it), so old and new rows
+    of one setting fall in one cell, as their hashes do."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return True
     name = key.removeprefix("config.")
+    if unhashed(name):
+        return True
     if name not in HASHED_UNLESS_DEFAULT:
         return False
     default = HASHED_UNLESS_DEFAULT[name]

@@ -229,3 +229,20 @@ def test_lm_table_pairs_each_type_with_the_float_base_under_its_own_method():
     lines = report_summary.summary_lines(frame)
     assert lines[1].startswith("- Before adaptation") and "(beyond noise)" in lines[1]
     assert lines[3].startswith("- Full fine-tuning") and "(beyond noise)" in lines[3]
+
+
+def test_a_grid_widened_between_passes_keeps_one_cell_per_setting():
+    """A second pass that adds a rate to the grid writes rows whose ``sweep.*`` fields (unhashed:
+    they change nothing a run computes) differ from the first pass's; the setting is still one
+    cell, so the rate is chosen among all the rates tried, not per pass."""
+    frame = pd.DataFrame({
+        "experiment": ["e"] * 3, "seed": [0, 0, 0], "config_hash": list("abc"),
+        "config.optimizer.learning_rate": [1e-3, 3e-3, 1e-2],
+        "config.sweep.learning_rates.full": ["[0.001, 0.003]", "[0.001, 0.003]",
+                                             "[0.001, 0.003, 0.01]"],
+        "config.workdir": ["/a", "/a", "/b"],
+        "config.eval.select": ["perplexity"] * 3,
+        "metric.val_perplexity": [7.0, 5.7, 5.9]})
+    out = tuning.tuned(frame)
+    assert out["config_hash"].tolist() == ["b"]
+    assert out["grid_size"].tolist() == [3]

@@ -53,8 +53,7 @@ _RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainResult))
 
 
 def _ignored(key: str, member_keys: Sequence[str]) -> bool:
-    return key in member_keys or any(
-        key == u or (u.endswith(".") and key.startswith(u)) for u in results.UNHASHED)
+    return key in member_keys or results.unhashed(key)
 
 
 def shared_fields(config: Any, member_keys: Sequence[str] = MEMBER_KEYS) -> dict[str, Any]:
