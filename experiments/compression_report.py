@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report import load_runs, to_markdown  # noqa: E402
 from report_summary import update_readme  # noqa: E402
 from report_tables import (  # noqa: E402
+    EDGE_MARKS,
     Table,
     difference_text,
     experiment_runs,
@@ -40,8 +41,8 @@ from report_tables import (  # noqa: E402
     mean_std,
     paired,
     paired_loss,
+    rate_cell,
 )
-from report_variants import EDGE_MARKS  # noqa: E402
 
 from lowrank import stats, tuning  # noqa: E402
 
@@ -127,10 +128,7 @@ def table(runs: pd.DataFrame, experiment: str) -> Table:
             cells.items(), key=lambda kv: (kv[0][2] != "none" and kv[0][2] != "head",
                                            -kernel_bits(kv[1]))):
         reference = cells.get((0.0, "none", method))
-        edge = EDGE_MARKS.get(str(rows["grid_edge"].iloc[0]), "") if "grid_edge" in rows \
-            else ""
-        rate = "–" if method == "none" else \
-            ", ".join(f"{r:g}" for r in sorted(set(rows["config.optimizer.learning_rate"]))) + edge
+        rate = "–" if method == "none" else rate_cell(rows)
         values = score(rows)
         diff = "" if reference is None or rows.index.equals(reference.index) else \
             _difference(compare(rows, reference), lm)

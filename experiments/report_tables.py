@@ -31,6 +31,7 @@ BASELINE_NAMES = {"full": "full fine-tuning", "head": "classifier head only"}
 DATA_TYPES = ("float32", "int8", "int8+dq", "int4", "int4+dq", "fp4", "fp4+dq", "nf4", "nf4+dq")
 LM_METHODS = {"none": "pretrained base, not adapted", "full": "full fine-tuning",
               "lora": "LoRA"}
+EDGE_MARKS = {"high": " ↑", "low": " ↓"}  # lowrank.tuning's grid_edge
 WHOLE_MODEL_BITS = "bits / param (whole model)"
 QUANTIZED_BITS = "bits / quantized weight"
 
@@ -180,6 +181,19 @@ def interval_text(rows: pd.DataFrame) -> str:
         return ""
     low, high = stats.bootstrap_ci(np.mean(list(scores.values()), 0))
     return f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def rate_cell(rows: pd.DataFrame) -> str:
+    """The learning rate(s) of ``rows``, marked ↑ / ↓ where tuning chose its grid's top /
+    bottom (``grid_edge``).
+
+    >>> rate_cell(pd.DataFrame({"config.optimizer.learning_rate": [0.003, 0.003],
+    ...                         "grid_edge": ["high", "high"]}))
+    '0.003 ↑'
+    """
+    rates = sorted(set(rows["config.optimizer.learning_rate"].dropna()))
+    edge = EDGE_MARKS.get(str(rows["grid_edge"].iloc[0]), "") if "grid_edge" in rows else ""
+    return ", ".join(f"{r:g}" for r in rates) + edge
 
 
 def _seeds(runs: pd.DataFrame) -> list[int]:
@@ -334,8 +348,8 @@ def lm_table(frame: pd.DataFrame, experiment: str = "lm_domain") -> Table:
     []
     """
     runs = experiment_runs(frame, experiment)
-    header = ["method", "base data type", QUANTIZED_BITS, "weight RMSE", "English perplexity",
-              "final train loss", "vs float32 (nats/token)"]
+    header = ["method", "base data type", "learning rate", QUANTIZED_BITS, "weight RMSE",
+              "English perplexity", "final train loss", "vs float32 (nats/token)"]
     if runs.empty:
         return Table(header, [], "")
     methods, names = lm_methods(runs), runs.apply(data_type, axis=1)
@@ -348,7 +362,7 @@ def lm_table(frame: pd.DataFrame, experiment: str = "lm_domain") -> Table:
             bits = sel["metric.quant_bits_per_param"].astype(float).mean()
             rmse = sel["metric.weight_rmse"].astype(float).mean()
             compared = method == "full" or name != "float32"
-            rows.append([label, name,
+            rows.append([label, name, "–" if method == "none" else rate_cell(sel),
                          "32" if name == "float32" or math.isnan(bits) else f"{bits:.3f}",
                          f"{rmse:.2e}" if rmse else "0",
                          mean_std(sel["metric.perplexity"].tolist(), scale=1.0, digits=2),
@@ -360,10 +374,11 @@ def lm_table(frame: pd.DataFrame, experiment: str = "lm_domain") -> Table:
     selected = "metric.best_step" in runs and runs["metric.best_step"].notna().any()
     tuned = "grid_size" in runs and (runs["grid_size"] > 1).any()
     protocol = "; test perplexity at the best validation point" if selected else ""
-    protocol += "; learning rates chosen on validation" if tuned else ""
+    protocol += ("; learning rates chosen on validation (↑ / ↓: the grid's top / bottom)"
+                 if tuned else "")
     compared = ("; paired difference of the test loss from the float32 base under the same "
                 "method (full fine-tuning: from LoRA over float32), 95% CI over windows, † "
-                "beyond noise" if len(header) == 7 else "")
+                "beyond noise" if len(header) == 8 else "")
     caption = (f"A {int(first['config.model.num_layers'])}-layer Llama-style byte-level model "
                f"(hidden {int(first['config.model.hidden_size'])}) pretrained on Python, "
                f"adapted to English prose ({int(first['config.steps'])} steps) by full "

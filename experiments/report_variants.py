@@ -14,6 +14,7 @@ import math
 import pandas as pd
 from report_tables import (
     BASELINE_NAMES,
+    EDGE_MARKS,
     LM_METHODS,
     Table,
     _seeds,
@@ -24,10 +25,10 @@ from report_tables import (
     mean_std,
     paired,
     paired_loss,
+    rate_cell,
 )
 
 ORDER = ("LoRA", "rsLoRA", "DoRA", "VeRA", "AdaLoRA", "PiSSA", "LoftQ")
-EDGE_MARKS = {"high": " ↑", "low": " ↓"}  # lowrank.tuning's grid_edge
 
 
 def _get(row: pd.Series, key: str, default=None):
@@ -84,9 +85,7 @@ def variant_table(frame: pd.DataFrame, experiment: str = "method_ablation") -> T
     rows = []
     for name in sorted(set(names), key=_order):
         sel = runs[names == name]
-        rates = sorted(set(sel["config.optimizer.learning_rate"].dropna()))
         trained = _get(sel.iloc[0], "config.method", "lora") != "none"
-        edge = EDGE_MARKS.get(str(_get(sel.iloc[0], "grid_edge", "")), "")
         if lm:
             cell = mean_std(sel["metric.perplexity"].tolist(), scale=1.0, digits=3)
             diff = loss_difference_text(paired_loss(sel, reference))
@@ -95,7 +94,7 @@ def variant_table(frame: pd.DataFrame, experiment: str = "method_ablation") -> T
             diff = difference_text(paired(sel, reference))
         steps = sel["step_seconds"].dropna()
         rows.append([name, f"{int(sel['trainable_params'].iloc[0]):,}",
-                     ", ".join(f"{r:g}" for r in rates) + edge if trained else "–", cell,
+                     rate_cell(sel) if trained else "–", cell,
                      "" if lm else interval_text(sel),
                      "" if sel.index.equals(reference.index) else diff,
                      f"{steps.median():.3f}" if len(steps) else "–"])
