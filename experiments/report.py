@@ -156,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         frame = pd.concat([load_runs(path) for path in args.db], ignore_index=True)
     except (OSError, ValueError, pd.errors.ParserError, results.ResultsDBError) as e:
         parser.exit(1, f"report.py: error: {' '.join(str(e).split())}\n")
+    frame, dropped = results.drop_duplicate_runs(frame)
+    if dropped:  # one run in two sources (a database and its CSV export) counts once
+        print(f"report.py: warning: {len(dropped)} finished row(s) repeat a run of an earlier "
+              f"--db: left out", file=sys.stderr)
     tables = report(frame)
     markdown = "\n\n".join(to_markdown(t) for _, t in tables)
     if tables:
@@ -197,7 +201,7 @@ def _write_outputs(out: Path, frame: pd.DataFrame, tables, markdown: str, args) 
         + "\n\n".join(to_latex(t, label) for label, t in tables) + "\n")
     every = [pd.read_csv(path) if str(path).endswith(".csv") else results.read_runs([path], None)
              for path in args.db]
-    runs_csv = pd.concat(every, ignore_index=True)
+    runs_csv = results.drop_duplicate_runs(pd.concat(every, ignore_index=True))[0]
     if (out / "runs.csv").resolve() in {Path(p).resolve() for p in args.db}:
         tmp = out / "runs.csv.tmp"  # it is read above: replace it whole, never half-written
         runs_csv.to_csv(tmp, index=False)

@@ -126,6 +126,14 @@ def test_report_prints_any_experiment_name_and_lists_unknown_ones(tmp_path, caps
     assert len(tune_runs) == 4 and {r["seed"] for r in tune_runs} == {1, 2}
     assert {r.get("optimizer.learning_rate") for r in tune_runs} == set(
         chosen["config.optimizer.learning_rate"])
+    # the database and its own CSV export together: each run counts once, in tables and CSV
+    capsys.readouterr()
+    assert report.main([f"--db={db_path}", f"--db={tmp_path / 'out' / 'runs.csv'}",
+                        f"--out={tmp_path / 'twice'}"]) == 0
+    twice = capsys.readouterr()
+    assert twice.out == printed and "repeat a run of an earlier --db" in twice.err
+    assert len(pd.read_csv(tmp_path / "twice" / "runs.csv")) == len(
+        pd.read_csv(tmp_path / "out" / "runs.csv"))
 
 
 @pytest.mark.parametrize("readme", ["README.md", "experiments/results/README.md"])
