@@ -25,7 +25,14 @@ PINS=(
   "lm_domain:types|ad552972802cff2845967dccbd92452ae250868c|\$PY experiments/sweep.py --config=configs/lm_domain.py --seeds=2 --db=\$DB --experiment=lm_domain:types '--config.sweep.data_types=(\"none\",\"int8\",\"int4\",\"fp4\",\"nf4\")'"
   "method_ablation|52423a71dd3ac3e7dd81bb1f3132bf7c3c009a65|\$PY experiments/tune.py --config=configs/method_ablation.py --seeds=3 --db=\$DB --workdir=\$RUNS"
   "method_ablation:lm|b29ab201ad4bb603de67fc9c8d64509731063d33|\$PY experiments/tune.py --config=configs/method_ablation.py:lm --seeds=3 --db=\$DB --workdir=\$RUNS"
+  "lm_domain:protocol|82acb236f3feff1d4c891f7453c4e9b30ee5df86|\$PY experiments/tune.py --config=configs/lm_domain.py:protocol --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
+  "lm_domain:protocol|11c84e6bb51cb74495fd86d0eecae0d27c8913b1|\$PY experiments/tune.py --config=configs/lm_domain.py:protocol --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
+  "lm_domain:protocol|c61197148e324bde11b683556306ad6f323e92a0|\$PY experiments/tune.py --config=configs/lm_domain.py:protocol --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
+  "lm_domain:protocol|7e6411eb9f4f92f5fd33dcf54cf6513119ada515|\$PY experiments/tune.py --config=configs/lm_domain.py:protocol --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
 )
+# (lm_domain:protocol ran at 82acb23, then full fine-tuning chose its grid's top twice and the
+# grid gained 1e-3 at 11c84e6, 3e-3 at c611971 and 1e-2 at 7e6411e: each later pass runs only
+# the new rate, and the other seeds of the rate chosen.)
 
 # The compression ablation's pins, checked against compression_runs.csv (made by
 # experiments/compression_report.py).
