@@ -31,8 +31,9 @@ PINS=(
   "lm_domain:protocol|7e6411eb9f4f92f5fd33dcf54cf6513119ada515|\$PY experiments/tune.py --config=configs/lm_domain.py:protocol --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
 )
 # (lm_domain:protocol ran at 82acb23, then full fine-tuning chose its grid's top twice and the
-# grid gained 1e-3 at 11c84e6, 3e-3 at c611971 and 1e-2 at 7e6411e: each later pass runs only
-# the new rate, and the other seeds of the rate chosen.)
+# grid gained 1e-3 at 11c84e6, 3e-3 at c611971 and 1e-2 at 7e6411e. Before e085f2f tune.py
+# chose within each pass's own rows, so each later pass ran its new rate at all 3 seeds; the
+# report chooses over every rate tried (3e-3), and the 1e-2 seeds 1 and 2 go unused.)
 
 # The compression ablation's pins, checked against compression_runs.csv (made by
 # experiments/compression_report.py).
