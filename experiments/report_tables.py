@@ -191,6 +191,8 @@ def rate_cell(rows: pd.DataFrame) -> str:
     ...                         "grid_edge": ["high", "high"]}))
     '0.003 ↑'
     """
+    if "config.optimizer.learning_rate" not in rows:
+        return "–"
     rates = sorted(set(rows["config.optimizer.learning_rate"].dropna()))
     edge = EDGE_MARKS.get(str(rows["grid_edge"].iloc[0]), "") if "grid_edge" in rows else ""
     return ", ".join(f"{r:g}" for r in rates) + edge

@@ -228,8 +228,9 @@ def test_lm_table_equals_hand_computed_values():
                      experiment="lm_domain")
     table = report.lm_table(db.frame("ok"))
     # float32: mean 10.25, sample std |10.5 - 10.0| / sqrt(2) = 0.354; losses 2.0, 3.0
-    assert table.rows == [["LoRA", "float32", "32", "0", "10.25 ± 0.35", "2.500 ± 0.707"],
-                          ["LoRA", "nf4", "4.500", "3.00e-03", "10.30 ± 0.14", "2.500 ± 0.707"]]
+    assert table.rows == [
+        ["LoRA", "float32", "–", "32", "0", "10.25 ± 0.35", "2.500 ± 0.707"],
+        ["LoRA", "nf4", "–", "4.500", "3.00e-03", "10.30 ± 0.14", "2.500 ± 0.707"]]
     assert "4-layer" in table.caption and "r=8" in table.caption
     assert report.lm_table(_synthetic_frame()).rows == []  # other experiments: no rows
 
