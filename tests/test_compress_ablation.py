@@ -30,13 +30,13 @@ def _report_module():
 def test_the_sweep_covers_every_budget_format_and_recovery_at_every_rate_of_its_grid():
     module, config = common.load("configs/compress_ablation.py")
     runs = module.get_sweep(config)
-    assert len(runs) == 9 * 2 * 3  # bases x recovery x rates
+    assert len(runs) == 9 * (3 + 4)  # bases x (LoRA's 3 rates + the head's 4)
     hashes = {results.config_hash(results.apply_overrides(config, r)) for r in runs}
     assert len(hashes) == len(runs)
     assert {r["optimizer.learning_rate"] for r in runs if r["method"] == "lora"} == {
         3e-4, 1e-3, 3e-3}
     assert {r["optimizer.learning_rate"] for r in runs if r["method"] == "head"} == {
-        3e-3, 1e-2, 3e-2}
+        3e-3, 1e-2, 3e-2, 1e-1}
     refs = {(r["quant.fmt"], r["method"]) for r in runs if r["compress.budget"] == 0.0}
     assert refs == {(f, m) for f in ("none", "int8", "nf4") for m in ("head", "lora")}
     assert config.eval.select == "accuracy" and config.model.head_init == "seed"
