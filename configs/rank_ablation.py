@@ -10,7 +10,12 @@ The default and "tiny" variants follow the results protocol (``configs/protocol.
 over the whole training split, the test split scored at the best validation epoch, each
 method's learning rate tuned on validation from a grid, the new head at its own rate, seeds
 that vary the head too, and every rank under two scale conventions (constant alpha/r = 2, and
-rsLoRA), so that rank is not confounded with step size. "quick" is the Quickstart's 7-run grid
+rsLoRA), so that rank is not confounded with step size. Each (targets, convention) family
+tunes its rate at rank 8 (``sweep.tune_rank``; "tiny": rank 4) and runs every rank at it, as
+the LoRA and rsLoRA papers compare ranks: with the rate tuned per rank, the two conventions
+would differ only by where each rank's rate falls in the grid (Adam's step on the adapters is
+the rate; the scale multiplies it), while a fixed rate shows what each convention does to a
+rank's effective step. "quick" is the Quickstart's 7-run grid
 of 20-step runs at fixed rates (LoRA 3e-3 with alpha 16; full 1e-4; head 1e-2), a smoke test
 rather than a result.
 """
@@ -55,9 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.sweep.learning_rates.lora = (1e-3, 3e-3)
             config.sweep.learning_rates.full = (3e-5, 1e-4)
             config.sweep.learning_rates.head = (1e-2, 3e-2)
+            config.sweep.tune_rank = 4
         else:
             protocol.apply_bbc(config)
             config.sweep.learning_rates.update(LEARNING_RATES)
+            config.sweep.tune_rank = 8
     return config
 
 

@@ -7,6 +7,12 @@ validation metric; :func:`tuned` keeps only the rows at the chosen rates, all se
 driver (``experiments/tune.py``) and the tables (``experiments/report.py``) both call it, so
 the rows that are reported are the ones the protocol selected, and nothing is chosen on test.
 
+A rank ablation may tune once per rank family instead: rows whose config sets
+``sweep.tune_rank`` choose their rate among the runs at that rank, and every rank of the family
+(the rows equal but for ``lora.rank`` and the ``lora.alpha`` a scale convention derives from it)
+runs at that rate, so that rank varies at a fixed step size, as the LoRA and rsLoRA papers
+compare ranks.
+
 >>> import pandas as pd
 >>> frame = pd.DataFrame({
 ...     "experiment": ["e"] * 4, "seed": [0, 0, 1, 1], "config_hash": list("abcd"),
@@ -26,6 +32,11 @@ from typing import Any
 from lowrank.results import HASHED_UNLESS_DEFAULT, unhashed
 
 LEARNING_RATE = "config.optimizer.learning_rate"
+TUNE_RANK = "config.sweep.tune_rank"
+RANK = "config.lora.rank"
+RANK_FAMILY = (RANK, "config.lora.alpha")
+"""The fields a row with ``sweep.tune_rank`` leaves out of its cell: one rate serves every rank
+(and the alpha each rank's scale convention sets)."""
 
 
 def _absent(key: str, value: Any) -> bool:
@@ -45,9 +56,15 @@ def _absent(key: str, value: Any) -> bool:
     return value == default or (isinstance(value, str) and value == json.dumps(default))
 
 
+def _tune_rank(row: Any) -> Any:
+    value = row.get(TUNE_RANK)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
 def _cell(row: Any, tuned_keys: Sequence[str]) -> str:
+    skip = {*tuned_keys, "config.seed", *(RANK_FAMILY if _tune_rank(row) else ())}
     fields = {k: v for k, v in row.items() if k.startswith("config.")
-              and k not in tuned_keys and k != "config.seed" and not _absent(k, v)}
+              and k not in skip and not _absent(k, v)}
     return json.dumps([row.get("experiment"), sorted(fields.items())], default=str)
 
 
@@ -66,7 +83,17 @@ def choose(frame: Any, *, tuned_keys: Sequence[str] = (LEARNING_RATE,),
            tiebreak: str = "metric.val_loss", seed: int = 0) -> dict[str, tuple]:
     """``{cell: chosen values of tuned_keys}``: per cell, the values whose run at ``seed``
     has the best ``metric`` (``mode`` "max" or "min"; ties go to the lower ``tiebreak``, then
-    to the first row). Cells without a run at ``seed`` choose by the mean over their seeds.
+    to the first row). Cells without a run at ``seed`` choose by the mean over their seeds; a
+    cell of rows with ``sweep.tune_rank`` chooses among its runs at that rank (all of them if
+    it has none there).
+
+    >>> import pandas as pd
+    >>> ranks = pd.DataFrame({"experiment": ["e"] * 3, "seed": [0] * 3,
+    ...     "config.sweep.tune_rank": [8] * 3, "config.lora.rank": [8, 8, 64],
+    ...     "config.lora.alpha": [16, 16, 128], "config.optimizer.learning_rate": [1, 3, 3],
+    ...     "metric.val_accuracy": [0.9, 0.8, 0.99]})
+    >>> [int(v[0]) for v in choose(ranks).values()]   # rank 8's better rate, for rank 64 too
+    [1]
     """
     if mode not in ("max", "min"):
         raise ValueError(f"mode {mode!r} is not 'max' or 'min'")
@@ -77,6 +104,9 @@ def choose(frame: Any, *, tuned_keys: Sequence[str] = (LEARNING_RATE,),
     sign = -1.0 if mode == "max" else 1.0
     chosen: dict[str, tuple] = {}
     for cell, group in frame.groupby(labels, sort=False):
+        tune_rank = _tune_rank(group.iloc[0])
+        if tune_rank and RANK in group and (group[RANK] == tune_rank).any():
+            group = group[group[RANK] == tune_rank]
         at_seed = group[group["seed"] == seed]
         pool = at_seed if not at_seed.empty else group
         scores = pool.groupby(list(tuned_keys), sort=False).agg(
@@ -145,6 +175,40 @@ def tuned(frame: Any, *, tuned_keys: Sequence[str] = (LEARNING_RATE,),
                         if len(tuned_keys) == 1 else ""
                         for label, value in zip(labels[keep], values[keep], strict=True)]
     return out
+
+
+def at_choice(frame: Any, candidates: Any, *,
+              tuned_keys: Sequence[str] = (LEARNING_RATE,)) -> list[bool]:
+    """Whether each row of ``candidates`` (settings to run: their experiment and config fields,
+    no metrics) has the values its cell chose from the runs in ``frame`` (on the validation
+    metric its ``config.eval.select`` names, :data:`SELECTED_ON`); False where the cell has
+    chosen nothing yet. A sweep's second phase runs the seeds of these.
+
+    >>> import pandas as pd
+    >>> done = pd.DataFrame({"experiment": ["e"] * 2, "seed": [0, 0],
+    ...     "config.sweep.tune_rank": [8] * 2, "config.lora.rank": [8] * 2,
+    ...     "config.lora.alpha": [16] * 2, "config.optimizer.learning_rate": [1, 3],
+    ...     "metric.val_accuracy": [0.9, 0.8]})
+    >>> todo = pd.DataFrame({"experiment": ["e"] * 3, "config.sweep.tune_rank": [8] * 3,
+    ...     "config.lora.rank": [64, 64, 8], "config.lora.alpha": [128, 128, 16],
+    ...     "config.optimizer.learning_rate": [1, 3, 1]})
+    >>> at_choice(done, todo)
+    [True, False, True]
+    """
+    import pandas as pd
+
+    chosen: dict[str, tuple] = {}
+    if frame.empty:
+        return [False] * len(candidates)
+    selects = frame[SELECT] if SELECT in frame else pd.Series(None, index=frame.index)
+    selects = selects.where(selects.isin(list(SELECTED_ON)), "accuracy")
+    for select, (metric, mode) in SELECTED_ON.items():
+        rows = frame[selects == select]
+        if not rows.empty:
+            chosen.update(choose(rows, tuned_keys=tuned_keys, metric=metric, mode=mode))
+    values = candidates[list(tuned_keys)].apply(tuple, axis=1)
+    return [chosen.get(label) == value
+            for label, value in zip(cells(candidates, tuned_keys), values, strict=True)]
 
 
 def _edge(tried: Any, chosen: Any) -> str:
