@@ -231,6 +231,14 @@ def rank_rows(runs: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
     return groups
 
 
+def _rate_note(runs: pd.DataFrame) -> str:
+    tune_rank = runs.get("config.sweep.tune_rank", pd.Series([], dtype=float)).dropna()
+    if tune_rank.empty:
+        return ""
+    return (f"; each row's learning rate was chosen on validation at r={int(tune_rank.iloc[0])}"
+            " and every rank of the row trains at it, so rank varies at a fixed rate")
+
+
 def rank_table(frame: pd.DataFrame, experiment: str = "rank_ablation",
                metric: str = "metric.accuracy") -> Table:
     """Targets (and scale convention) x rank: mean ± std of test accuracy (%) over seeds; with
@@ -245,11 +253,11 @@ def rank_table(frame: pd.DataFrame, experiment: str = "rank_ablation",
     if not groups:
         return Table(["weights adapted", "scale"], [], "")
     ranks = sorted({int(r) for g in groups.values() for r in g["config.lora.rank"]})
-    header = ["weights adapted", "scale", *[f"r={r}" for r in ranks]]
+    header = ["weights adapted", "scale", "learning rate", *[f"r={r}" for r in ranks]]
     rows = []
     for (adapt, scale), group in groups.items():
         top = group[group["config.lora.rank"] == max(group["config.lora.rank"])]
-        cells = [ADAPT_NAMES[adapt], scale]
+        cells = [ADAPT_NAMES[adapt], scale, rate_cell(group)]
         for r in ranks:
             sel = group[group["config.lora.rank"] == r]
             text = mean_std(sel[metric].tolist())
@@ -260,7 +268,8 @@ def rank_table(frame: pd.DataFrame, experiment: str = "rank_ablation",
         rows.append(cells)
     caption = (f"Test accuracy (%) on BBC News ({experiment}), mean ± std over seeds "
                f"{_seeds(runs)}{_protocol_note(runs)}, by the weights LoRA adapts, its scale "
-               "convention and rank r. In parentheses: the paired difference from the largest "
+               f"convention and rank r{_rate_note(runs)}. In parentheses: the paired "
+               "difference from the largest "
                "rank of the row with its 95% bootstrap interval over the test articles "
                "(† where it excludes 0; otherwise within noise).")
     if not ("predictions" in runs and runs["predictions"].notna().any()):

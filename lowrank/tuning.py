@@ -61,9 +61,18 @@ def _tune_rank(row: Any) -> Any:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+def _canonical(value: Any) -> Any:
+    """One spelling per value: a column that pandas widened to float (a NaN in another row)
+    or a numpy scalar labels its setting as the plain int or bool does."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, bool) or (isinstance(value, float) and value.is_integer()):
+        return int(value)
+    return value
+
+
 def _cell(row: Any, tuned_keys: Sequence[str]) -> str:
     skip = {*tuned_keys, "config.seed", *(RANK_FAMILY if _tune_rank(row) else ())}
-    fields = {k: v for k, v in row.items() if k.startswith("config.")
+    fields = {k: _canonical(v) for k, v in row.items() if k.startswith("config.")
               and k not in skip and not _absent(k, v)}
     return json.dumps([row.get("experiment"), sorted(fields.items())], default=str)
 

@@ -190,11 +190,11 @@ def _synthetic_frame():
 
 def test_rank_table_equals_hand_computed_values():
     table = report.rank_table(_synthetic_frame())
-    assert table.header == ["weights adapted", "scale", "r=1", "r=4"]
+    assert table.header == ["weights adapted", "scale", "learning rate", "r=1", "r=4"]
     # q, r=1: (80 + 90) / 2 = 85.0, sample std = |90 - 80| / sqrt(2) = 7.07
     # q, r=4: 86.0 ± 1.4; all, r=1: 96.0 ± 1.4; no all r=4 run (no alpha recorded: "–")
-    assert table.rows == [["W_q", "–", "85.0 ± 7.1", "86.0 ± 1.4"],
-                          ["all linear", "–", "96.0 ± 1.4", "–"]]
+    assert table.rows == [["W_q", "–", "–", "85.0 ± 7.1", "86.0 ± 1.4"],
+                          ["all linear", "–", "–", "96.0 ± 1.4", "–"]]
     assert "seeds [0, 1]" in table.caption and "untested" in table.caption
     # baselines in their own table, without a rank; full: one seed, no rate recorded
     assert report.baseline_table(_synthetic_frame()).rows == [
@@ -260,7 +260,7 @@ def test_report_script_writes_tables_csv_and_figure(tmp_path):
     db.close()
     assert report.main([f"--db={db_path}", f"--out={tmp_path / 'out'}"]) == 0
     out = tmp_path / "out"
-    assert "| W_q | – | 85.0 ± 7.1 | 86.0 ± 1.4 |" in (out / "tables.md").read_text()
+    assert "| W_q | – | – | 85.0 ± 7.1 | 86.0 ± 1.4 |" in (out / "tables.md").read_text()
     assert r"\begin{tabular}" in (out / "tables.tex").read_text()
     assert len(pd.read_csv(out / "runs.csv")) == len(frame)
     assert (out / "accuracy_vs_rank.png").read_bytes()[:4] == b"\x89PNG"

@@ -57,10 +57,10 @@ def test_rank_table_reports_the_tuned_rate_and_paired_differences():
     frame = db.frame("ok")
     tables = dict(report.report(frame))
     rank = tables["tab:rank-x"]
-    assert rank.header == ["weights adapted", "scale", "r=1", "r=4"]
+    assert rank.header == ["weights adapted", "scale", "learning rate", "r=1", "r=4"]
     expected = stats.paired_bootstrap(worse, base)
     assert expected.difference == pytest.approx(-0.1) and expected.excludes_zero
-    assert rank.rows == [["W_q", "α=2r",
+    assert rank.rows == [["W_q", "α=2r", "0.001",
                           f"80.0 ± 0.0 ({100 * expected.difference:+.1f} "
                           f"[{100 * expected.low:+.1f}, {100 * expected.high:+.1f}]†)",
                           "90.0 ± 0.0"]]
@@ -79,7 +79,7 @@ def test_equal_cells_are_within_noise():
         _row(db, rank=8, seed=seed, lr=1e-3, correct=same, val=0.9)
     lines = report_summary.summary_lines(db.frame("ok"))
     assert any("1 of 1 cells are within noise" in line for line in lines)
-    assert "(+0.0 [+0.0, +0.0])" in report.rank_table(db.frame("ok"), "rank_ablation:x").rows[0][2]
+    assert "(+0.0 [+0.0, +0.0])" in report.rank_table(db.frame("ok"), "rank_ablation:x").rows[0][3]
 
 
 def test_report_prints_any_experiment_name_and_lists_unknown_ones(tmp_path, capsys):
@@ -119,11 +119,14 @@ def test_report_prints_any_experiment_name_and_lists_unknown_ones(tmp_path, caps
     assert "no table family for experiments 'mine' (1 runs)" in printed
     assert "no finished runs" not in printed
     assert (tmp_path / "out" / "accuracy_vs_rank_tiny.png").read_bytes()[:4] == b"\x89PNG"
-    # tune.py's second phase asks for seeds 1, 2 of the chosen settings (sweep.* fields are not
-    # hashed, so the whole grid's overrides find the cut grid's rows)
+    # tune.py's second phase asks for every seed of the chosen settings, the sweep skipping
+    # those done (sweep.* fields are not hashed, so the whole grid's overrides find the cut
+    # grid's rows; the tiny grid tunes at rank 4, absent here, so rank 1's rows chose for
+    # the family's ranks 1 and 4), the head beside them
     tune_runs = tune.chosen_runs("configs/rank_ablation.py:tiny", [], db_path=str(db_path),
                                  experiment="rank_ablation:tiny", seeds=3)
-    assert len(tune_runs) == 4 and {r["seed"] for r in tune_runs} == {1, 2}
+    assert len(tune_runs) == 3 * 3 and {r["seed"] for r in tune_runs} == {0, 1, 2}
+    assert {r.get("lora.rank") for r in tune_runs} == {1, 4, None}
     assert {r.get("optimizer.learning_rate") for r in tune_runs} == set(
         chosen["config.optimizer.learning_rate"])
     # the database and its own CSV export together: each run counts once, in tables and CSV
@@ -254,3 +257,47 @@ def test_a_grid_widened_between_passes_keeps_one_cell_per_setting():
     out = tuning.tuned(frame)
     assert out["config_hash"].tolist() == ["b"]
     assert out["grid_size"].tolist() == [3]
+
+
+def test_a_rank_family_tunes_at_its_tune_rank_and_runs_every_rank_at_that_rate(tmp_path):
+    """``sweep.tune_rank``: phase 1 runs the grid at that rank only; the rate each (targets,
+    scale) family chose there is the one every rank runs at, every seed, and the one the
+    table reports."""
+    tune = _module("tune")
+    spec = "configs/rank_ablation.py:tiny"  # ranks 1 and 4, tuned at 4
+    _, config = common.load(spec)
+    first = tune.first_runs(spec, [])
+    assert {o.get("lora.rank", 4) for o in first} == {4} and {o["seed"] for o in first} == {0}
+    grids = config.sweep.learning_rates
+    best = {"lora": grids.lora[0], "full": grids.full[1], "head": grids.head[1]}
+    db_path = tmp_path / "db.sqlite"
+    db = results.ResultsDB(db_path)
+    for overrides in first:  # the family's best rate on validation is `best`, rank 4 only
+        val = 0.9 if overrides["optimizer.learning_rate"] == best[overrides["method"]] else 0.6
+        db.write(results.apply_overrides(config, overrides),
+                 {"val_accuracy": val, "val_loss": 1 - val, "accuracy": val},
+                 experiment="rank_ablation:tiny")
+    second = tune.chosen_runs(spec, [], db_path=str(db_path), experiment="rank_ablation:tiny",
+                              seeds=2)
+    lora = [o for o in second if o["method"] == "lora"]
+    assert {o["optimizer.learning_rate"] for o in lora} == {best["lora"]}
+    assert len(lora) == 2 * 2 * 2 * 2  # targets x scales x ranks (1 and 4) x seeds
+    assert {(o["lora.rank"], o["seed"]) for o in lora} == {(1, 0), (1, 1), (4, 0), (4, 1)}
+    assert sorted((o["method"], o["optimizer.learning_rate"], o["seed"])
+                  for o in second if o["method"] != "lora") == [
+        ("full", best["full"], 0), ("full", best["full"], 1),
+        ("head", best["head"], 0), ("head", best["head"], 1)]
+    for overrides in lora:  # rank 1 gets a higher validation score at the shared rate
+        if overrides["lora.rank"] == 1 or overrides["seed"] == 1:
+            db.write(results.apply_overrides(config, overrides),
+                     {"val_accuracy": 0.95, "val_loss": 0.05, "accuracy": 0.95},
+                     experiment="rank_ablation:tiny")
+    frame = db.frame("ok")
+    db.close()
+    kept = tuning.tuned(frame)
+    assert set(kept["config.optimizer.learning_rate"][kept["config.method"] == "lora"]) == {
+        best["lora"]}
+    assert len(kept[kept["config.method"] == "lora"]) == 16
+    table = report.rank_table(kept, "rank_ablation:tiny")
+    assert [row[2] for row in table.rows] == [f"{best['lora']:g}"] * 4  # 2 rates: no edge
+    assert "chosen on validation at r=4" in table.caption
