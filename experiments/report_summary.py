@@ -17,14 +17,16 @@ from report_tables import (
     ADAPT_NAMES,
     BASELINE_NAMES,
     DATA_TYPES,
+    EDGE_MARKS,
     data_type,
     kind_of,
     lm_methods,
     paired,
     paired_loss,
     rank_rows,
+    rate_cell,
 )
-from report_variants import variant_lines
+from report_variants import last_point_note, variant_lines
 
 from lowrank import stats, tuning
 
@@ -86,24 +88,74 @@ def rank_lines(runs: pd.DataFrame, name: str) -> list[str]:
     lines.append(f"- Within each row the ranks' mean accuracies span at most {widest[0]:.1f} "
                  f"points ({widest[1]}).")
     lines += _more_types_line(groups)
+    lines += _convention_line(groups)
     lines += _baseline_line(runs, groups)
+    lines += _rate_line(runs, groups)
     return lines
 
 
 def _more_types_line(groups: dict) -> list[str]:
-    """Adapting every linear layer at the smallest rank against W_q alone at the largest."""
+    """Adapting every linear layer at the smallest rank against the fewest weight types (W_q
+    if adapted, else the first set of ``ADAPT_NAMES`` there is) at the largest, per scale."""
+    lines = []
     for (adapt, scale), group in groups.items():
-        if adapt != "all" or ("q", scale) not in groups:
+        fewest = next((a for a in ADAPT_NAMES if a != "all" and (a, scale) in groups), None)
+        if adapt != "all" or fewest is None:
             continue
-        q = groups[("q", scale)]
+        few = groups[(fewest, scale)]
         low = group[group["config.lora.rank"] == group["config.lora.rank"].min()]
-        high = q[q["config.lora.rank"] == q["config.lora.rank"].max()]
+        high = few[few["config.lora.rank"] == few["config.lora.rank"].max()]
         a, b = low["metric.accuracy"].mean(), high["metric.accuracy"].mean()
-        return [f"- More weight types vs a higher rank ({scale}): all linear layers at "
-                f"r={int(low['config.lora.rank'].iloc[0])} ({_pct(a)}) vs W_q alone at "
-                f"r={int(high['config.lora.rank'].iloc[0])} ({_pct(b)}): "
-                f"{_verdict(paired(low, high), a, b)}."]
-    return []
+        lines.append(f"- More weight types vs a higher rank ({scale}): all linear layers at "
+                     f"r={int(low['config.lora.rank'].iloc[0])} ({_pct(a)}) vs "
+                     f"{ADAPT_NAMES[fewest]} at r={int(high['config.lora.rank'].iloc[0])} "
+                     f"({_pct(b)}): {_verdict(paired(low, high), a, b)}.")
+    return lines
+
+
+def _convention_line(groups: dict) -> list[str]:
+    """rsLoRA against the constant scale, rank by rank, for each target set run under both
+    (same rate: rsLoRA's scale is 4x the constant's at r=1, 1/2 at r=64)."""
+    scales = {}
+    for adapt, scale in groups:
+        scales.setdefault(adapt, []).append(scale)
+    parts = []
+    for adapt, names in scales.items():
+        if len(names) != 2:
+            continue
+        constant, rslora = (groups[(adapt, name)] for name in names)
+        cells = []
+        for rank in sorted(set(constant["config.lora.rank"]) & set(rslora["config.lora.rank"])):
+            a = rslora[rslora["config.lora.rank"] == rank]
+            b = constant[constant["config.lora.rank"] == rank]
+            verdict = _verdict(paired(a, b), a["metric.accuracy"].mean(),
+                               b["metric.accuracy"].mean())
+            cells.append(f"r={int(rank)} {verdict}")
+        parts.append(f"{ADAPT_NAMES[adapt]}: " + "; ".join(cells))
+    if not parts:
+        return []
+    return ["- The second scale convention minus the first at the same rank and rate "
+            f"({' minus '.join(reversed(next(n for n in scales.values() if len(n) == 2)))}): "
+            + ". ".join(parts) + "."]
+
+
+def _rate_line(runs: pd.DataFrame, groups: dict) -> list[str]:
+    """The rates the rows chose, the grid edges among them, and the runs still improving."""
+    if "grid_size" not in runs or not (runs["grid_size"] > 1).any():
+        return []
+    parts, edges = [], []
+    for (adapt, scale), group in groups.items():
+        rate = rate_cell(group)
+        parts.append(f"{ADAPT_NAMES[adapt]} ({scale}) {rate}")
+        if any(mark in rate for mark in EDGE_MARKS.values()):
+            edges.append(f"{ADAPT_NAMES[adapt]} ({scale})")
+    edge = (f"; at its grid's edge (the best rate may lie beyond): {', '.join(edges)}"
+            if edges else "; none at its grid's edge")
+    tune_rank = runs.get(tuning.TUNE_RANK, pd.Series([], dtype=float)).dropna()
+    where = (f" at r={int(tune_rank.iloc[0])}, each row's ranks training at its rate"
+             if not tune_rank.empty else "")
+    return [f"- Learning rates chosen on validation{where}: {'; '.join(parts)}{edge}."
+            + last_point_note(runs)]
 
 
 def _baseline_line(runs: pd.DataFrame, groups: dict) -> list[str]:

@@ -118,7 +118,7 @@ def variant_table(frame: pd.DataFrame, experiment: str = "method_ablation") -> T
     return Table(header, rows, caption)
 
 
-def _last_point_note(runs: pd.DataFrame) -> str:
+def last_point_note(runs: pd.DataFrame) -> str:
     """How many runs chose their last evaluation as the best one (still improving when
     training stopped), from ``metric.best_step`` against ``config.steps``."""
     if "metric.best_step" not in runs or runs["metric.best_step"].isna().all():
@@ -163,7 +163,7 @@ def variant_lines(runs: pd.DataFrame, name: str) -> list[str]:
     ref_value = (f"{reference['metric.perplexity'].mean():.3f}" if lm
                  else f"{100 * reference['metric.accuracy'].mean():.1f}%")
     lines.append(f"- Against {names[reference.index[0]]} ({ref_value}): " + "; ".join(parts)
-                 + "." + _last_point_note(runs) + _edge_note(runs, names))
+                 + "." + last_point_note(runs) + _edge_note(runs, names))
     return lines
 
 

@@ -301,3 +301,40 @@ def test_a_rank_family_tunes_at_its_tune_rank_and_runs_every_rank_at_that_rate(t
     table = report.rank_table(kept, "rank_ablation:tiny")
     assert [row[2] for row in table.rows] == [f"{best['lora']:g}"] * 4  # 2 rates: no edge
     assert "chosen on validation at r=4" in table.caption
+    rates = next(line for line in report_summary.summary_lines(frame) if "Learning" in line)
+    assert rates.startswith("- Learning rates chosen on validation at r=4, each row's ranks "
+                            f"training at its rate: W_q (α=2r) {best['lora']:g};")
+
+
+def test_rank_summary_compares_conventions_and_weight_types_paired():
+    """The rank summary under the protocol: rsLoRA against the constant scale at each rank and
+    every linear layer at the smallest rank against the fewest weight types at the largest,
+    each a paired difference, and the rates the rows chose at their tune rank."""
+    db = results.ResultsDB(":memory:")
+    n = 100
+    right = np.ones(n, int)
+    worse = right.copy()
+    worse[:30] = 0
+    for adapt in ("qv", "all"):
+        for rslora in (False, True):
+            for rank in (1, 64):
+                correct = right if adapt == "all" or rslora else worse
+                for seed in (0, 1, 2):
+                    config = {"method": "lora", "adapt": adapt, "seed": seed, "steps": 10,
+                              "sweep": {"tune_rank": 8}, "quant": {"fmt": "none"},
+                              "lora": {"rank": rank, "alpha": 8.0 if rslora else 2.0 * rank,
+                                       "rslora": rslora},
+                              "optimizer": {"learning_rate": 3e-3}}
+                    db.write(config, {"accuracy": correct.mean(), "val_accuracy": 0.9,
+                                      "val_loss": 0.1, "best_step": 5},
+                             experiment="rank_ablation:p", predictions=json.dumps(
+                                 {"correct": correct.tolist()}))
+    lines = report_summary.summary_lines(db.frame("ok"))
+    d = stats.paired_bootstrap(right, worse)
+    gain = f"+30.0 points [{100 * d.low:+.1f}, {100 * d.high:+.1f}]: beyond noise"
+    assert (f"- More weight types vs a higher rank (α=2r): all linear layers at r=1 (100.0%) "
+            f"vs W_q, W_v at r=64 (70.0%): {gain}.") in lines
+    convention = next(line for line in lines if "rsLoRA (α=8) minus α=2r" in line)
+    assert f"W_q, W_v: r=1 {gain}; r=64 {gain}." in convention
+    assert "all linear: r=1 +0.0 points [+0.0, +0.0]: within noise" in convention
+    assert not any("Learning rates chosen" in line for line in lines)  # one rate: not tuned
