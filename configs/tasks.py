@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -386,15 +387,22 @@ def _lm_task(model, params, config, domain: str, split_sizes: tuple[int, int],
 
 def pretrained_lm(config: Any) -> tuple[Any, dict]:
     """The Llama-style model of ``config.model``, trained from scratch on the standard
-    library's Python for ``config.pretrain.steps`` steps (every weight trained), cached on
-    disk by a hash of what determines it.
+    library's Python (``data.pretrain_domain``: its top-level modules, or "python_tree", all of
+    it) for ``config.pretrain.steps`` steps (every weight trained), cached on disk by a hash of
+    what determines it. With ``pretrain.eval_every``, the held-out Python's loss is evaluated
+    that often and the curve kept beside the model (``pretrain_metrics.jsonl``), and the run
+    checkpoints into ``<cache>.pretraining/`` so that a long one resumes where it stopped.
 
     >>> from configs.lm_domain import get_config
     >>> model, params = pretrained_lm(get_config("tiny"))  # doctest: +SKIP
     """
     m, p, d = config.model, config.pretrain, config.data
+    domain, eval_every = d.get("pretrain_domain", "python"), p.get("eval_every", 0)
     what = {"model": m.to_dict(), "pretrain": p.to_dict(), "seq_len": d.seq_len,
             "python_max_bytes": d.python_max_bytes}
+    if domain != "python":  # older caches keep their names
+        what["pretrain_domain"] = domain
+    what["pretrain"].pop("eval_every", None)  # it changes what is logged, not the model
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_dir() / "lm_domain" / digest
     if (directory / "config.json").is_file():
@@ -407,18 +415,25 @@ def pretrained_lm(config: Any) -> tuple[Any, dict]:
     pre.optimizer.warmup_steps, pre.optimizer.clip_norm = max(p.steps // 10, 1), 1.0
     pre.log.tensorboard, pre.export_adapters = False, False
     pre.lora.targets, pre.lora.trainable = None, ".*"
-    task = _lm_task(model, params, _with_batch_size(config, p.batch_size), "python",
+    workdir = directory.with_name(digest + ".pretraining")
+    if eval_every:
+        pre.eval.every, pre.checkpoint.every, pre.log.every = eval_every, eval_every, eval_every
+        pre.workdir = str(workdir)
+    task = _lm_task(model, params, _with_batch_size(config, p.batch_size), domain,
                     (0, d.eval_windows))
     trained = train(pre, task).trainable
     directory.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
         models.save_pretrained(tmp, model, trained)
+        if eval_every:
+            shutil.copy(workdir / "metrics.jsonl", Path(tmp) / "pretrain_metrics.jsonl")
         try:
             os.rename(tmp, directory)
         except OSError:
             if not (directory / "config.json").is_file():
                 raise
         os.makedirs(tmp, exist_ok=True)  # TemporaryDirectory cleans up what it made
+    shutil.rmtree(workdir, ignore_errors=True)  # the checkpoints: the model is saved
     return models.from_pretrained(directory)
 
 

@@ -32,7 +32,7 @@ CONFIG_PREFIX, METRIC_PREFIX = "config.", "metric."
 # ``sweep.*`` fields describe the grid a run belongs to, not the run.
 UNHASHED = ("workdir", "quiet", "log.every", "log.tensorboard", "checkpoint.every",
             "checkpoint.keep", "checkpoint.resume", "checkpoint.fallback", "export_adapters",
-            "sweep.", "distributed.")
+            "sweep.", "distributed.", "pretrain.eval_every")
 # Fields added after results were recorded, left out of the hash while they hold the value
 # that computes what runs did before them, so recorded runs keep their hashes.
 HASHED_UNLESS_DEFAULT = {
@@ -47,6 +47,8 @@ HASHED_UNLESS_DEFAULT = {
     "dropout_prng": "hash",
     # the BBC task's model dropout in training (configs/finetune_bbc.py; off in every committed run)
     "model.dropout": False,
+    # the LM task's pretraining corpus (configs/lm_domain.py; "python_tree" for the LM study)
+    "data.pretrain_domain": "python",
 }
 
 _FIXED_COLUMNS = {

@@ -291,3 +291,30 @@ def test_method_none_evaluates_the_stored_base_as_plain_flax_does():
                                                           jnp.asarray(windows["targets"][:n]))
     assert row["perplexity"] == pytest.approx(float(jnp.exp(nll.mean())), rel=1e-4)
     assert row["weight_rmse"] > 0
+
+
+def test_lm_study_pretrains_on_the_whole_stdlib_and_keeps_its_validation_curve(
+        monkeypatch, tmp_path):
+    """lm_domain:study (issue 15's LM study; here its tiny twin): the pretraining corpus is
+    every module of the standard library, the held-out loss is logged every ``eval_every``
+    steps and kept beside the cached model, the checkpoints are cleaned up, and the cache is
+    hit the second time."""
+    from lowrank import data
+
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path))
+    module, config = common.load("configs/lm_domain.py:study_tiny")
+    assert config.data.pretrain_domain == "python_tree"
+    tree = data.python_documents(config.data.python_max_bytes, tree=True)
+    assert any("/" in name for name in tree)  # modules of packages, not only top-level files
+    model, params = tasks.pretrained_lm(tasks.training_config(config))
+    (cached,) = (tmp_path / "lm_domain").iterdir()
+    curve = [json.loads(line) for line in (cached / "pretrain_metrics.jsonl").open()]
+    evals = [r for r in curve if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(np.isfinite(r["eval/loss"])
+                                                       for r in evals)
+    assert not list((tmp_path / "lm_domain").glob("*.pretraining"))
+    _, again = tasks.pretrained_lm(tasks.training_config(config))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, again))
+    kinds = {(o.get("method"), o.get("quant.fmt")) for o in module.get_sweep(config)}
+    assert kinds == {("none", "none"), ("lora", "none"), ("none", "nf4"), ("lora", "nf4"),
+                     ("full", None)}

@@ -1,6 +1,6 @@
 """A byte-level language-modelling corpus with a domain shift that every Python install has:
-the standard library's Python source ("python") vs the English help topics of
-``pydoc_data/topics.py`` ("english").
+the standard library's Python source ("python": its top-level modules; "python_tree": all of
+it) vs the English help topics of ``pydoc_data/topics.py`` ("english").
 
 >>> train = lm_tokens("python", "train", max_bytes=1_000_000)
 >>> windows = lm_windows(train, seq_len=128)
@@ -18,30 +18,36 @@ import numpy as np
 from lowrank.data.splits import hash_order, split_sizes
 from lowrank.data.tokenize import BOS_ID, EOS_ID, encode_bytes
 
-DOMAINS = ("python", "english")
+DOMAINS = ("python", "python_tree", "english")
 LM_SPLITS = ("train", "validation")
 
 
-def python_documents(max_bytes: int | None = None) -> dict[str, str]:
+def python_documents(max_bytes: int | None = None, *, tree: bool = False) -> dict[str, str]:
     """``{file name: source}`` of the standard library's top-level ``*.py`` files, in sorted
-    order; with ``max_bytes``, the longest prefix of that order within the budget (at least
+    order (``tree``: every ``*.py`` file below it too, the test suite included, keyed by the
+    path relative to it; ``site-packages`` left out, so installed packages never change the
+    corpus); with ``max_bytes``, the longest prefix of that order within the budget (at least
     one file).
 
     >>> "os.py" in python_documents()
     True
+    >>> "json/decoder.py" in python_documents(tree=True)
+    True
     """
     stdlib = Path(sysconfig.get_path("stdlib"))
-    files = sorted(stdlib.glob("*.py"))
+    files = sorted(f.relative_to(stdlib).as_posix() for f in (
+        stdlib.rglob("*.py") if tree else stdlib.glob("*.py")) if "site-packages" not in
+        f.relative_to(stdlib).parts)
     if not files:
         raise FileNotFoundError(f"no *.py files in the standard library directory {stdlib}")
     docs: dict[str, str] = {}
     total = 0
-    for f in files:
-        text = f.read_bytes().decode("utf-8", errors="replace")
+    for name in files:
+        text = (stdlib / name).read_bytes().decode("utf-8", errors="replace")
         size = len(text.encode("utf-8"))
         if max_bytes is not None and docs and total + size > max_bytes:
             break
-        docs[f.name] = text
+        docs[name] = text
         total += size
     return docs
 
@@ -58,9 +64,11 @@ def english_documents() -> dict[str, str]:
 
 
 def documents(domain: str, max_bytes: int | None = None) -> dict[str, str]:
-    """The documents of ``domain``: "python" or "english" (``max_bytes`` applies to python)."""
-    if domain == "python":
-        return python_documents(max_bytes)
+    """The documents of ``domain``: "python" (the standard library's top-level modules),
+    "python_tree" (every module of it, 31.5 MB on CPython 3.11) or "english" (``max_bytes``
+    applies to the Python domains)."""
+    if domain in ("python", "python_tree"):
+        return python_documents(max_bytes, tree=domain == "python_tree")
     if domain == "english":
         return english_documents()
     raise ValueError(f"domain={domain!r} is not supported; accepted: {DOMAINS}")
