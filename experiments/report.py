@@ -175,15 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               "file runs under one with --experiment")
     if args.out:
         _write_outputs(Path(args.out), frame, tables, markdown, args)
-    adapters = adapter_table(frame, args.runs, minilm_kernels()) if args.runs and not \
-        experiment_runs(frame, "rank_ablation").empty else None
-    if adapters is not None and adapters.rows:
-        print("\n" + to_markdown(adapters))
-        if args.out:
+    for name in rank_experiments(frame) if args.runs else []:
+        adapters = adapter_table(tuning.tuned(experiment_runs(frame, name)), args.runs,
+                                 minilm_kernels(), experiment=name)
+        if adapters.rows:
+            print("\n" + to_markdown(adapters))
+        if adapters.rows and args.out:
             with open(Path(args.out) / "tables.md", "a") as f:
                 f.write("\n" + to_markdown(adapters) + "\n")
             with open(Path(args.out) / "tables.tex", "a") as f:
-                f.write("\n" + to_latex(adapters, "tab:adapters") + "\n")
+                f.write("\n" + to_latex(adapters, _label("adapters", name)) + "\n")
     lines = summary_lines(frame)
     for readme in args.readme:
         try:
@@ -208,15 +209,22 @@ def _write_outputs(out: Path, frame: pd.DataFrame, tables, markdown: str, args) 
         tmp.replace(out / "runs.csv")
     else:
         runs_csv.to_csv(out / "runs.csv", index=False)
-    for name in sorted(frame["experiment"].dropna().unique()) if not frame.empty else []:
-        if kind_of(name) == "rank_ablation":
-            variant = name.partition(":")[2]
-            file = f"accuracy_vs_rank{'_' + variant if variant else ''}.png"
-            plot_accuracy_vs_rank(tuning.tuned(experiment_runs(frame, name)), out / file,
-                                  experiment=name)
-    if args.runs:
-        plot_subspace_similarity(subspace_pairs(frame, args.runs),
-                                 out / "subspace_similarity.png")
+    for name in rank_experiments(frame):
+        variant = name.partition(":")[2]
+        suffix = "_" + variant if variant else ""
+        runs = tuning.tuned(experiment_runs(frame, name))
+        plot_accuracy_vs_rank(runs, out / f"accuracy_vs_rank{suffix}.png", experiment=name)
+        if args.runs:
+            plot_subspace_similarity(subspace_pairs(runs, args.runs, experiment=name),
+                                     out / f"subspace_similarity{suffix}.png")
+
+
+def rank_experiments(frame: pd.DataFrame) -> list[str]:
+    """The names of the rank-ablation experiments in ``frame`` (any ``:variant``)."""
+    if frame.empty or "experiment" not in frame:
+        return []
+    return [name for name in sorted(frame["experiment"].dropna().unique())
+            if kind_of(name) == "rank_ablation"]
 
 
 if __name__ == "__main__":

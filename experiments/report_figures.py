@@ -56,17 +56,32 @@ def plot_accuracy_vs_rank(frame: pd.DataFrame, path: str | Path,
     return True
 
 
+def adapter_runs(frame: pd.DataFrame, experiment: str = "rank_ablation", adapt: str = "qv",
+                 seed: int = 0) -> pd.DataFrame:
+    """The LoRA runs of ``experiment`` on ``adapt`` at ``seed`` whose adapters the analysis
+    reads: one per rank, at the constant scale alpha/r (rsLoRA rows left out; pass rows after
+    :func:`lowrank.tuning.tuned` so that each rank is its chosen rate's run).
+
+    >>> adapter_runs(pd.DataFrame()).empty
+    True
+    """
+    runs = experiment_runs(frame, experiment)
+    if runs.empty:
+        return runs
+    rslora = (runs["config.lora.rslora"].fillna(False).astype(bool)
+              if "config.lora.rslora" in runs else False)
+    return runs[(runs["config.method"] == "lora") & (runs["config.adapt"] == adapt)
+                & (runs["seed"] == seed) & ~rslora].sort_values("config.lora.rank")
+
+
 def subspace_pairs(frame: pd.DataFrame, runs_dir: str | Path, experiment: str = "rank_ablation",
                    adapt: str = "qv", ranks: tuple[int, int] = (8, 64), seed: int = 0,
                    layer: int = 3) -> dict[str, tuple]:
     """``{"W_q": (A of rank ranks[0], A of rank ranks[1]), "W_v": ...}`` from the exported
-    adapters of the ``adapt`` runs of one seed at encoder layer ``layer``."""
-    runs = experiment_runs(frame, experiment)
+    adapters of the ``adapt`` runs of one seed at encoder layer ``layer``
+    (:func:`adapter_runs`)."""
+    lora = adapter_runs(frame, experiment, adapt, seed)
     out: dict[str, tuple] = {}
-    if runs.empty:
-        return out
-    lora = runs[(runs["config.method"] == "lora") & (runs["config.adapt"] == adapt)
-                & (runs["seed"] == seed)]
     by_rank = {int(r["config.lora.rank"]): r["config_hash"] for _, r in lora.iterrows()}
     if not all(r in by_rank for r in ranks):
         return out
@@ -133,11 +148,9 @@ def adapter_table(frame: pd.DataFrame, runs_dir: str | Path, base: dict,
     from lowrank.analysis import amplification_factor, effective_rank, subspace_similarity
 
     header = ["rank r", "weight", "effective rank of dW", "amplification", "phi(A_r, A_64, 1, 8)"]
-    runs = experiment_runs(frame, experiment)
-    if runs.empty:
+    lora = adapter_runs(frame, experiment, adapt, seed)
+    if lora.empty:
         return Table(header, [], "")
-    lora = runs[(runs["config.method"] == "lora") & (runs["config.adapt"] == adapt)
-                & (runs["seed"] == seed)].sort_values("config.lora.rank")
     rows = []
     largest = {}
     for _, run in lora.iloc[::-1].iterrows():  # the largest rank first, as the reference
@@ -159,8 +172,9 @@ def adapter_table(frame: pd.DataFrame, runs_dir: str | Path, base: dict,
     rows.sort(key=lambda row: (int(row[0]), row[1]))
     ref = max((r for r, _ in largest.values()), default=0)
     header[-1] = f"phi(A_r, A_{ref}, 1, 8)"
-    caption = (f"The learnt updates of the {ADAPT_NAMES[adapt]} runs (seed {seed}, encoder layer "
-               f"{layer}): Roy-Vetterli effective rank of dW = (alpha/r) A B; amplification "
+    caption = (f"The learnt updates of the {ADAPT_NAMES[adapt]} runs of {experiment} (seed "
+               f"{seed}, encoder layer {layer}, scale alpha/r): Roy-Vetterli effective rank of "
+               "dW = (alpha/r) A B; amplification "
                "factor ||dW||_F / ||U^T W V||_F with U, V the top-r singular directions of dW; "
                f"overlap of the top direction of A_r with the top 8 of A_{ref}.")
     return Table(header, rows, caption)

@@ -338,3 +338,43 @@ def test_rank_summary_compares_conventions_and_weight_types_paired():
     assert f"W_q, W_v: r=1 {gain}; r=64 {gain}." in convention
     assert "all linear: r=1 +0.0 points [+0.0, +0.0]: within noise" in convention
     assert not any("Learning rates chosen" in line for line in lines)  # one rate: not tuned
+
+
+def test_adapter_analysis_reads_each_rank_at_its_chosen_rate_and_constant_scale(tmp_path):
+    """The subspace figure and the adapter table of a protocol rank experiment read, per rank,
+    the exported adapters of the run at the chosen rate and the constant scale (rsLoRA's and
+    the other rates' runs are left out)."""
+    import report_figures
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    weight = "bert/encoder/layer_3/attention/self/{}/kernel"
+    db = results.ResultsDB(":memory:")
+    written = {}
+    for rank in (8, 64):
+        for rslora, lr, val in ((False, 1e-3, 0.9), (False, 3e-3, 0.8), (True, 1e-3, 0.9)):
+            config = {"method": "lora", "adapt": "qv", "seed": 0, "steps": 10,
+                      "sweep": {"tune_rank": 8}, "quant": {"fmt": "none"},
+                      "lora": {"rank": rank, "alpha": 8.0 if rslora else 2.0 * rank,
+                               "rslora": rslora}, "optimizer": {"learning_rate": lr}}
+            db.write(config, {"accuracy": 0.9, "val_accuracy": val, "val_loss": 1 - val},
+                     experiment="rank_ablation:p")
+            arrays = {f"{weight.format(m)}/{ab}": rng.normal(size=shape).astype(np.float32)
+                      for m in ("query", "value")
+                      for ab, shape in (("a", (96, rank)), ("b", (rank, 96)))}
+            folder = tmp_path / "rank_ablation:p" / results.config_hash(config) / "adapters"
+            folder.mkdir(parents=True)
+            save_file(arrays, str(folder / "adapters.safetensors"))
+            written[(rank, rslora, lr)] = arrays
+    runs = tuning.tuned(db.frame("ok"))
+    pairs = report_figures.subspace_pairs(runs, tmp_path, experiment="rank_ablation:p")
+    for name, module in (("W_q", "query"), ("W_v", "value")):
+        for got, rank in zip(pairs[name], (8, 64), strict=True):
+            np.testing.assert_array_equal(got, written[(rank, False, 1e-3)][
+                f"{weight.format(module)}/a"])
+    base = {weight.format(m): rng.normal(size=(96, 96)).astype(np.float32)
+            for m in ("query", "value")}
+    table = report_figures.adapter_table(runs, tmp_path, base, experiment="rank_ablation:p")
+    assert [row[:2] for row in table.rows] == [["8", "W_q"], ["8", "W_v"], ["64", "W_q"],
+                                               ["64", "W_v"]]
+    assert [row[-1] for row in table.rows[2:]] == ["1.00", "1.00"]  # A_64 against itself
