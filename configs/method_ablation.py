@@ -48,6 +48,9 @@ METHODS = {
     "head": {"method": "head"},
     "none": {"method": "none"},
 }
+FULL_RATES = (*protocol.LEARNING_RATES["full"], 3e-4)
+"""Full fine-tuning's grid on MiniLM: the protocol's, and one step above it, since full
+fine-tuning chose its top (1e-4) in the first pass (52423a7)."""
 GRIDS = {"vera": "vera", "full": "full", "head": "head", "none": None}
 """The learning-rate grid of ``protocol.LEARNING_RATES`` each method takes ("lora" if absent;
 None: nothing trained, nothing to tune)."""
@@ -71,6 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     with config.unlocked():
         config.sweep.methods = tuple(m for m in METHODS if m != "none")
         protocol.apply_bbc(config, tiny=variant == "tiny")
+        if variant == "default":
+            config.sweep.learning_rates.full = FULL_RATES
     return config
 
 
@@ -90,7 +95,7 @@ def get_sweep(config: ml_collections.ConfigDict) -> list[dict]:
 
     >>> runs = get_sweep(get_config())
     >>> len(runs), runs[0]
-    (27, {'lora.alpha': 16.0, 'lora.rslora': False, 'optimizer.learning_rate': 0.0003})
+    (28, {'lora.alpha': 16.0, 'lora.rslora': False, 'optimizer.learning_rate': 0.0003})
     >>> [run["lora.adalora.target_rank"] for run in get_sweep(get_config("tiny"))
     ...  if "lora.adalora.target_rank" in run]
     [2, 2]
