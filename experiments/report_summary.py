@@ -64,7 +64,7 @@ def rank_lines(runs: pd.DataFrame, name: str) -> list[str]:
     if not groups:
         return []
     seeds = sorted(int(s) for s in runs["seed"].unique())
-    lines = [f"**{name}** ({len(seeds)} seeds; {_protocol(runs)}):"]
+    lines = [f"**{name}** ({len(seeds)} seed{'s' * (len(seeds) != 1)}; {_protocol(runs)}):"]
     exceptions, spans, tested = [], [], 0
     for (adapt, scale), group in groups.items():
         means = group.groupby("config.lora.rank")["metric.accuracy"].mean()
@@ -108,7 +108,8 @@ def _more_types_line(groups: dict) -> list[str]:
         a, b = low["metric.accuracy"].mean(), high["metric.accuracy"].mean()
         lines.append(f"- More weight types vs a higher rank ({scale}): all linear layers at "
                      f"r={int(low['config.lora.rank'].iloc[0])} ({_pct(a)}) vs "
-                     f"{ADAPT_NAMES[fewest]} at r={int(high['config.lora.rank'].iloc[0])} "
+                     f"{ADAPT_NAMES[fewest]}{'' if ',' in ADAPT_NAMES[fewest] else ' alone'} "
+                     f"at r={int(high['config.lora.rank'].iloc[0])} "
                      f"({_pct(b)}): {_verdict(paired(low, high), a, b)}.")
     return lines
 
@@ -185,7 +186,7 @@ def quant_lines(runs: pd.DataFrame, name: str) -> list[str]:
     if not present:
         return []
     seeds = sorted(int(s) for s in runs["seed"].unique())
-    lines = [f"**{name}** ({len(seeds)} seeds; {_protocol(runs)}):"]
+    lines = [f"**{name}** ({len(seeds)} seed{'s' * (len(seeds) != 1)}; {_protocol(runs)}):"]
     rmse = {d: runs[names == d]["metric.weight_rmse"].astype(float).mean() for d in present}
     four_bit = sorted((d for d in PAPER_ORDER if d in rmse), key=rmse.get)
     if len(four_bit) > 1:
