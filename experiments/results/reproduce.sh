@@ -29,7 +29,14 @@ PINS=(
   "lm_domain:protocol|11c84e6bb51cb74495fd86d0eecae0d27c8913b1|\$PY experiments/tune.py --config=configs/lm_domain.py:protocol --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
   "lm_domain:protocol|c61197148e324bde11b683556306ad6f323e92a0|\$PY experiments/tune.py --config=configs/lm_domain.py:protocol --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
   "lm_domain:protocol|7e6411eb9f4f92f5fd33dcf54cf6513119ada515|\$PY experiments/tune.py --config=configs/lm_domain.py:protocol --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
+  "rank_ablation:protocol|3e419f1706dbe78d418958f3a812102cf0611557|for a in qv all; do \$PY experiments/sweep.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=1 '--config.sweep.ranks=(8,)' '--config.sweep.learning_rates.lora=(0.0003,)' \"--config.sweep.adapts=(\\\"\$a\\\",)\"; done"
+  "rank_ablation:protocol|e8109bebb132346b09d8bc5ce38d458248582b20|for a in qv all; do \$PY experiments/tune.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=3 --config.export_adapters=True '--config.sweep.ranks=(1,8,64)' \"--config.sweep.adapts=(\\\"\$a\\\",)\"; done"
+  "method_ablation|5e2f8b987797e4b0e267cc751ca3564222d61fea|\$PY experiments/tune.py --config=configs/method_ablation.py --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
 )
+# (rank_ablation:protocol: a first launch at 3e419f1 ran three r=8 runs at 3e-4 (W_q,W_v at both
+# scales, every linear layer at alpha = 2r; its pin reruns the fourth too) before it was stopped; the rest ran at
+# e8109be, which changed only how tune.py finds its rows. method_ablation's full fine-tuning
+# chose the top of its grid at 52423a7; 5e2f8b9 adds 3e-4 and runs what that choice needs.)
 # (lm_domain:protocol ran at 82acb23, then full fine-tuning chose its grid's top twice and the
 # grid gained 1e-3 at 11c84e6, 3e-3 at c611971 and 1e-2 at 7e6411e. Before e085f2f tune.py
 # chose within each pass's own rows, so each later pass ran its new rate at all 3 seeds; the
