@@ -44,12 +44,14 @@ from lowrank.assets import cache_dir  # noqa: E402
 from lowrank.train import (  # noqa: E402
     distributed,
     evaluate,
+    export_adapters,
     make_eval_step,
     make_loss_fn,
     read_jsonl,
     resolve_dtype,
     train,
 )
+from lowrank.train.checkpoint import fingerprint  # noqa: E402
 from lowrank.train.selection import (  # noqa: E402
     BestPoint,
     make_score_step,
@@ -237,11 +239,14 @@ def measure(config, resolved, start: float) -> tuple[dict, dict]:
     return _row(config, result, info, start)
 
 
-def measure_stacked(configs: list, start: float, workdir: str | None = None
+def measure_stacked(configs: list, start: float, workdir: str | None = None,
+                    export_dirs: list[str | None] | None = None
                     ) -> list[tuple[dict, dict] | str]:
     """Trains compatible ``configs`` as one stack, checkpointing in ``workdir`` (and resuming
     from it) when given, and returns per run its row's fields and metrics, or the error that
-    voided it (a string): what ``run_stacked`` writes, writing no database.
+    voided it (a string): what ``run_stacked`` writes, writing no database. Each run with a
+    directory in ``export_dirs`` has its final adapters exported there, as a run trained alone
+    exports them (``lowrank.train.export_adapters``).
 
     >>> from configs.finetune_bbc import get_config
     >>> rows = measure_stacked([get_config("tiny")] * 2, time.perf_counter())  # doctest: +SKIP
@@ -250,6 +255,12 @@ def measure_stacked(configs: list, start: float, workdir: str | None = None
     task, info = tasks.build(resolved[0])
     outs = stack.train_stacked(resolved, task, member_keys=tasks.stack_member_keys(configs[0]),
                                workdir=workdir)
+    base = {"source": task.source, "sha256": fingerprint(task.params)} if any(
+        export_dirs or ()) else None
+    for config, out, directory in zip(resolved, outs, export_dirs or [None] * len(outs),
+                                      strict=True):
+        if directory and not isinstance(out, Exception):
+            export_adapters(directory, out.trainable, lora=config.lora.to_dict(), base=base)
     return [f"{type(out).__name__}: {out}" if isinstance(out, Exception)
             else _row(config, out, info, start, stack_size=len(configs))
             for config, out in zip(configs, outs, strict=True)]
@@ -333,7 +344,10 @@ def run_stacked(configs: list, *, db_path: str | Path, experiment: str,
             return rows
         configs = pending
     try:
-        outs = measure_stacked(configs, start, stack_workdir(workdir, experiment, configs))
+        exports = [str(Path(workdir) / experiment / results.config_hash(c) / "adapters")
+                   if workdir and c.get("export_adapters", False) else None for c in configs]
+        outs = measure_stacked(configs, start, stack_workdir(workdir, experiment, configs),
+                               exports)
         for config, out in zip(configs, outs, strict=True):
             if isinstance(out, str):
                 _write_failure(db, config, experiment, start, out)

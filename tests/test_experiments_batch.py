@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from lowrank.results import ResultsDB
+from lowrank.train import load_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "experiments" / "sweep.py"
@@ -47,9 +49,19 @@ def _sweep(config, db_path, *extra):
 def test_batched_sweep_writes_one_row_per_run_equal_to_the_unbatched_sweep(tmp_path):
     config = tmp_path / "toy_sweep.py"
     config.write_text(TOY_CONFIG)
-    stacked = _sweep(config, tmp_path / "stacked.sqlite", "--batch=4")
-    single = _sweep(config, tmp_path / "single.sqlite")
+    export = "--config.export_adapters=True"
+    stacked = _sweep(config, tmp_path / "stacked.sqlite", "--batch=4",
+                     f"--workdir={tmp_path / 'stacked'}", export)
+    single = _sweep(config, tmp_path / "single.sqlite", f"--workdir={tmp_path / 'single'}",
+                    export)
     assert len(stacked) == 4 and stacked.keys() == single.keys()
+    for h in stacked:  # each stacked run exports its adapters as the run alone does
+        exports = [load_adapters(tmp_path / way / "toy_sweep" / h / "adapters")
+                   for way in ("stacked", "single")]
+        leaves = [jax.tree.leaves(e) for e in exports]
+        assert len(leaves[0]) == len(leaves[1]) > 0
+        for a, b in zip(*leaves, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
     for h, row in stacked.items():
         for metric in ("metric.accuracy", "metric.loss", "metric.train_loss",
                        "metric.val_accuracy", "metric.val_loss", "metric.final_val_loss"):
