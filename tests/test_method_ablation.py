@@ -28,16 +28,18 @@ def _module(name: str, path: str):
 def test_sweep_has_every_method_at_every_rate_of_its_grid_with_its_own_hash():
     module, config = common.load("configs/method_ablation.py")
     runs = module.get_sweep(config)
-    assert len(runs) == 9 * 3
+    sizes = {name: 4 if name == "full" else 3 for name in config.sweep.methods}
+    assert len(runs) == sum(sizes.values()) == 9 * 3 + 1  # full: a rate above the protocol's
     hashes = {results.config_hash(results.apply_overrides(config, r)) for r in runs}
-    assert len(hashes) == 27
-    resolved = {name: [results.apply_overrides(config, r) for r in runs[3 * i: 3 * i + 3]]
-                for i, name in enumerate(config.sweep.methods)}
+    assert len(hashes) == len(runs)
+    starts = np.cumsum([0, *sizes.values()])
+    resolved = {name: [results.apply_overrides(config, r) for r in runs[start: start + n]]
+                for (name, n), start in zip(sizes.items(), starts, strict=False)}
     rates = {name: [c.optimizer.learning_rate for c in group]
              for name, group in resolved.items()}
     assert rates["lora"] == rates["dora"] == [3e-4, 1e-3, 3e-3]
     assert rates["vera"] == rates["head"] == [3e-3, 1e-2, 3e-2]
-    assert rates["full"] == [1e-5, 3e-5, 1e-4]
+    assert rates["full"] == [1e-5, 3e-5, 1e-4, 3e-4]
     lora, adalora, rslora = resolved["lora"][0], resolved["adalora"][0], resolved["rslora"][0]
     assert adalora.lora.method == "adalora"
     assert adalora.lora.adalora.target_rank == lora.lora.rank
