@@ -120,7 +120,7 @@ def test_report_leaves_out_the_repeated_rows_of_an_old_database(tmp_path, capsys
     frame = report.load_runs(path)
     assert "holds 1 repeated finished row(s)" in capsys.readouterr().err
     assert frame["id"].tolist() == [1] and len(results.ResultsDB(path).rows()) == 2
-    assert report.rank_table(frame).rows == [["W_q", "–", "90.0"]]  # one seed, not "± 0.0"
+    assert report.rank_table(frame).rows == [["W_q", "–", "–", "90.0"]]  # one seed, no "± 0.0"
     assert report.method_table(frame, experiments=("rank_ablation",)).rows[0][2] == "0.50"
 
 
