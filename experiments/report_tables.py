@@ -307,14 +307,15 @@ def baseline_table(frame: pd.DataFrame, experiment: str = "rank_ablation",
 
 def quant_table(frame: pd.DataFrame, experiment: str = "quant_ablation") -> Table:
     """Data type x (bits per parameter of the whole model and of the quantized weights,
-    weight RMSE, accuracy mean ± std, paired difference from the float32 base).
+    weight RMSE, the learning rate used, accuracy mean ± std, paired difference from the
+    float32 base).
 
     >>> quant_table(pd.DataFrame()).rows
     []
     """
     runs = experiment_runs(frame, experiment)
     header = ["base data type", WHOLE_MODEL_BITS, QUANTIZED_BITS, "weight RMSE",
-              "accuracy (%)", "vs float32"]
+              "learning rate", "accuracy (%)", "vs float32"]
     if runs.empty:
         return Table(header, [], "")
     names = runs.apply(data_type, axis=1)
@@ -328,8 +329,8 @@ def quant_table(frame: pd.DataFrame, experiment: str = "quant_ablation") -> Tabl
         diff = "" if name == "float32" else difference_text(paired(sel, reference))
         rows.append([name, "–" if math.isnan(whole) else f"{whole:.2f}",
                      "32" if name == "float32" or math.isnan(bits) else f"{bits:.3f}",
-                     f"{rmse:.2e}" if rmse else "0", mean_std(sel["metric.accuracy"].tolist()),
-                     diff])
+                     f"{rmse:.2e}" if rmse else "0", rate_cell(sel),
+                     mean_std(sel["metric.accuracy"].tolist()), diff])
     caption = (f"LoRA over a frozen MiniLM whose transformer kernels are stored in each data "
                f"type ({experiment}): bits per parameter of the whole frozen model and of the "
                "quantized kernels alone, RMSE of the dequantized kernels, BBC News test accuracy "

@@ -205,8 +205,9 @@ def test_quant_and_method_tables_equal_hand_computed_values():
     frame = _synthetic_frame()
     # whole-model bits are the bits_per_param column (not written here: "–"), the
     # quantized-weight bits the metric; no predictions: no paired difference
-    assert report.quant_table(frame).rows == [["float32", "–", "32", "0", "90.0", ""],
-                                              ["nf4+dq", "–", "4.127", "1.00e-02", "80.0", ""]]
+    assert report.quant_table(frame).rows == [["float32", "–", "32", "0", "–", "90.0", ""],
+                                              ["nf4+dq", "–", "4.127", "1.00e-02", "–", "80.0",
+                                               ""]]
     rows = report.method_table(frame, ranks=(1, 8)).rows
     # LoRA r=1 on W_q: step seconds of seeds 0 and 1 are 0.5 and 1.5 -> 1.00
     assert ["LoRA r=1 (W_q)", "10", "1.00", "100"] in rows
