@@ -2,7 +2,8 @@
 1, 2, 4, 8, 16, 64 on {q}, {v}, {q, v}, {q, k, v, o} or every linear layer, against full
 fine-tuning and training the classifier head alone.
 
-    python experiments/tune.py  --config=configs/rank_ablation.py --seeds=3   # the protocol
+    python experiments/tune.py  --config=configs/rank_ablation.py --seeds=3 --batch=3 \
+        --experiment=rank_ablation:protocol                                 # the protocol
     python experiments/sweep.py --config=configs/rank_ablation.py:quick       # bash scripts/run.sh
     python experiments/tune.py  --config=configs/rank_ablation.py:tiny --seeds=2
 
@@ -17,7 +18,8 @@ would differ only by where each rank's rate falls in the grid (Adam's step on th
 the rate; the scale multiplies it), while a fixed rate shows what each convention does to a
 rank's effective step. "quick" is the Quickstart's 7-run grid
 of 20-step runs at fixed rates (LoRA 3e-3 with alpha 16; full 1e-4; head 1e-2), a smoke test
-rather than a result.
+rather than a result. (The committed rows named plain ``rank_ablation`` predate the protocol;
+its rows are ``rank_ablation:protocol``.)
 """
 
 from __future__ import annotations
