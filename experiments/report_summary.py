@@ -87,11 +87,37 @@ def rank_lines(runs: pd.DataFrame, name: str) -> list[str]:
                          "; beyond noise: " + "; ".join(exceptions) if exceptions else "."))
     lines.append(f"- Within each row the ranks' mean accuracies span at most {widest[0]:.1f} "
                  f"points ({widest[1]}).")
+    lines += _tune_rank_line(runs, groups)
     lines += _more_types_line(groups)
     lines += _convention_line(groups)
     lines += _baseline_line(runs, groups)
     lines += _rate_line(runs, groups)
     return lines
+
+
+def _tune_rank_line(runs: pd.DataFrame, groups: dict) -> list[str]:
+    """Each other rank against the rank every row's rate was tuned at (``sweep.tune_rank``),
+    paired: the rate is that rank's best, so a gap there is the rank's."""
+    tune_rank = runs.get(tuning.TUNE_RANK, pd.Series([], dtype=float)).dropna()
+    if tune_rank.empty:
+        return []
+    at = int(tune_rank.iloc[0])
+    parts = []
+    for (adapt, scale), group in groups.items():
+        ref = group[group["config.lora.rank"] == at]
+        if ref.empty:
+            continue
+        cells = []
+        for rank in sorted(set(group["config.lora.rank"]) - {at}):
+            sel = group[group["config.lora.rank"] == rank]
+            verdict = _verdict(paired(sel, ref), sel["metric.accuracy"].mean(),
+                               ref["metric.accuracy"].mean())
+            cells.append(f"r={int(rank)} {verdict}")
+        if cells:
+            parts.append(f"{ADAPT_NAMES[adapt]} ({scale}): " + "; ".join(cells))
+    if not parts:
+        return []
+    return [f"- Against r={at}, where each row's rate was tuned: " + ". ".join(parts) + "."]
 
 
 def _more_types_line(groups: dict) -> list[str]:

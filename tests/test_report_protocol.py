@@ -304,6 +304,8 @@ def test_a_rank_family_tunes_at_its_tune_rank_and_runs_every_rank_at_that_rate(t
     rates = next(line for line in report_summary.summary_lines(frame) if "Learning" in line)
     assert rates.startswith("- Learning rates chosen on validation at r=4, each row's ranks "
                             f"training at its rate: W_q (α=2r) {best['lora']:g};")
+    against = next(line for line in report_summary.summary_lines(frame) if "Against r=4" in line)
+    assert "W_q (α=2r): r=1 " in against  # rank 1 paired with the tune rank, row by row
 
 
 def test_rank_summary_compares_conventions_and_weight_types_paired():
