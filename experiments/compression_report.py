@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import load_runs, to_markdown  # noqa: E402
-from report_summary import update_readme  # noqa: E402
-from report_tables import (  # noqa: E402
+from report_cells import (  # noqa: E402
     EDGE_MARKS,
     Table,
     difference_text,
@@ -43,6 +42,7 @@ from report_tables import (  # noqa: E402
     paired_loss,
     rate_cell,
 )
+from report_summary import update_readme  # noqa: E402
 
 from lowrank import stats, tuning  # noqa: E402
 

@@ -32,6 +32,18 @@ for _path in (ROOT, ROOT / "experiments"):
         sys.path.insert(0, str(_path))
 
 import pandas as pd  # noqa: E402
+from report_cells import (  # noqa: E402, F401
+    ADAPT_NAMES,
+    BASELINE_NAMES,
+    DATA_TYPES,
+    Table,
+    data_type,
+    experiment_runs,
+    kind_of,
+    mean_std,
+    to_latex,
+    to_markdown,
+)
 from report_figures import (  # noqa: E402, F401  (re-exported: notebooks use report.X)
     adapter_table,
     minilm_kernels,
@@ -41,22 +53,12 @@ from report_figures import (  # noqa: E402, F401  (re-exported: notebooks use re
 )
 from report_summary import summary_lines, update_readme  # noqa: E402
 from report_tables import (  # noqa: E402, F401
-    ADAPT_NAMES,
-    BASELINE_NAMES,
-    DATA_TYPES,
-    Table,
     baseline_table,
-    data_type,
-    experiment_runs,
-    kind_of,
     lm_table,
-    mean_std,
     method_table,
     perplexity_table,
     quant_table,
     rank_table,
-    to_latex,
-    to_markdown,
 )
 from report_variants import variant_table  # noqa: E402
 

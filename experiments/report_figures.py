@@ -9,7 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from report_tables import ADAPT_NAMES, BASELINE_NAMES, Table, experiment_runs, rank_rows
+from report_cells import (
+    ADAPT_NAMES,
+    BASELINE_NAMES,
+    Table,
+    experiment_runs,
+)
+from report_tables import (
+    rank_rows,
+)
 
 
 def _std(x) -> float:

@@ -13,18 +13,20 @@ import math
 from pathlib import Path
 
 import pandas as pd
-from report_tables import (
+from report_cells import (
     ADAPT_NAMES,
     BASELINE_NAMES,
     DATA_TYPES,
     EDGE_MARKS,
     data_type,
     kind_of,
-    lm_methods,
     paired,
     paired_loss,
-    rank_rows,
     rate_cell,
+)
+from report_tables import (
+    lm_methods,
+    rank_rows,
 )
 from report_variants import last_point_note, variant_lines
 

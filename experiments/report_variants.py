@@ -12,12 +12,11 @@ from __future__ import annotations
 import math
 
 import pandas as pd
-from report_tables import (
+from report_cells import (
     BASELINE_NAMES,
     EDGE_MARKS,
     LM_METHODS,
     Table,
-    _seeds,
     difference_text,
     experiment_runs,
     interval_text,
@@ -26,6 +25,7 @@ from report_tables import (
     paired,
     paired_loss,
     rate_cell,
+    seeds_of,
 )
 
 ORDER = ("LoRA", "rsLoRA", "DoRA", "VeRA", "AdaLoRA", "PiSSA", "LoftQ")
@@ -104,7 +104,7 @@ def variant_table(frame: pd.DataFrame, experiment: str = "method_ablation") -> T
             f"Llama-style model (hidden {int(first['config.model.hidden_size'])}) adapted from "
             "Python to English prose")
     caption = (f"LoRA and its variants against the baselines ({experiment}): {what}, mean ± "
-               f"std over seeds {_seeds(runs)}, at the best validation point of "
+               f"std over seeds {seeds_of(runs)}, at the best validation point of "
                f"{int(first['config.steps'])} steps; each method's learning rate chosen on "
                "validation from its grid at seed 0 (the column). "
                + ("Beside it: the mean loss per token minus LoRA's over the test windows "

@@ -134,3 +134,14 @@ def test_a_rate_chosen_at_the_edge_of_its_grid_is_marked():
     rows = {r[0]: r for r in table.rows}
     assert rows["LoRA r=8"][2] == "0.003 ↑" and rows["DoRA r=8"][2] == "0.001"
     assert "↑ / ↓: the highest / lowest rate" in table.caption
+
+
+@pytest.mark.parametrize("module", ["report_cells", "report_tables", "report_variants",
+                                    "report_figures"])
+def test_the_report_modules_docstring_examples_hold(module):
+    # experiments/ is not a package, so --doctest-modules does not collect it: run them here
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
