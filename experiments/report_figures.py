@@ -190,9 +190,9 @@ def adapter_table(frame: pd.DataFrame, runs_dir: str | Path, base: dict,
 
 def minilm_kernels() -> dict:
     """The query and value kernels of the real MiniLM, by path (as the runs name them)."""
-    from configs import tasks
+    from configs.bbc_task import bert_base
     from lowrank import paths
 
-    _, params = tasks._bert_base("minilm", 5, (0, 0, 0, 0))
+    _, params = bert_base("minilm", 5, (0, 0, 0, 0))
     return {p: np.asarray(v) for p, v in paths.flatten(params).items()
             if p.endswith(("query/kernel", "value/kernel"))}

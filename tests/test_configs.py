@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lowrank import paths, results
+from lowrank import data, paths, results
 from lowrank.train import train
 from lowrank.train.loop import init_state
 
@@ -133,7 +133,7 @@ def test_tiny_bbc_eval_and_train_subsets_cover_several_topics():
     assert len(rows) == config.data.eval_examples == 24
     labels = [label for _, label in rows]
     assert len(set(labels)) >= 3 and max(labels.count(y) for y in set(labels)) <= 5
-    whole = set(_rows(tasks.data.eval_batches(split, 64)))
+    whole = set(_rows(data.eval_batches(split, 64)))
     assert set(rows) <= whole  # articles of the test split, each once
     assert rows == _rows(tasks.build(tasks.training_config(config))[0].eval_batches())
     train_labels = {int(y) for step in range(8) for y in task.train_batch(0, step)["labels"]}
