@@ -32,16 +32,16 @@ from lowrank import paths
 from lowrank.adalora import AdaLoraTriplet, scale_of
 from lowrank.adapters import check_fits, shape_of
 from lowrank.interop import naming
-from lowrank.interop.peft import (
+from lowrank.interop.peft_format import (
     CONFIG_FILE,
     PREFIX,
-    _alternation,
-    _read_tensors,
-    _stack,
+    alternation,
     check_tensor_names,
     linear_targets,
     only_adapters,
     read_config,
+    read_tensors,
+    stack_layers,
     write_adapter,
 )
 from lowrank.layers import MATRIX
@@ -85,7 +85,7 @@ def load(directory: str | Path, params: Mapping, model: nn.Module
     directory = Path(directory)
     config = read_config(directory, peft_type="ADALORA", reads=_READS)
     where = directory / CONFIG_FILE
-    tensors = _read_tensors(directory)
+    tensors = read_tensors(directory)
     by_module = naming.modules(naming.tensor_index(model, params))
     targets, saved = linear_targets(directory, config, by_module, model, "AdaLoRA")
     if saved:
@@ -116,14 +116,14 @@ def load(directory: str | Path, params: Mapping, model: nn.Module
 
     flat: dict[str, Any] = {}
     for path, layers in per_path.items():
-        a, e, b = (_stack({i: v[j] for i, v in layers.items()}, path, flat_params, "AdaLoRA")
+        a, e, b = (stack_layers({i: v[j] for i, v in layers.items()}, path, flat_params, "AdaLoRA")
                    for j in range(3))
         flat[path] = AdaLoraTriplet(jnp.asarray(a), jnp.asarray(b), e=jnp.asarray(e),
                                     scale=scale_of(alpha, init_r), equation=MATRIX.equation,
                                     dropout=dropout, init_rank=init_r)
     check_fits(flat_params, flat)
     spec = LoraSpec(rank=init_r, alpha=alpha if alpha > 0 else init_r,
-                    targets=_alternation(flat), dropout=dropout, method="adalora")
+                    targets=alternation(flat), dropout=dropout, method="adalora")
     budget = {ours: config[theirs] for theirs, ours in BUDGET.items() if theirs in config}
     return spec, paths.unflatten(flat), budget
 

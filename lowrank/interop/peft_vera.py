@@ -30,16 +30,16 @@ import numpy as np
 from lowrank import paths
 from lowrank.adapters import check_fits, shape_of
 from lowrank.interop import naming
-from lowrank.interop.peft import (
+from lowrank.interop.peft_format import (
     CONFIG_FILE,
     PREFIX,
-    _alternation,
-    _read_tensors,
-    _stack,
+    alternation,
     check_tensor_names,
     linear_targets,
     only_adapters,
     read_config,
+    read_tensors,
+    stack_layers,
     write_adapter,
 )
 from lowrank.models import hf
@@ -70,7 +70,7 @@ def load(directory: str | Path, params: Mapping, model: nn.Module
         raise ValueError(f"{where}: save_projection={config['save_projection']!r}: the file "
                          "lacks vera_A and vera_B, which PEFT regenerates with torch's "
                          "generator (not reproducible here); save it with save_projection=True")
-    tensors = _read_tensors(directory)
+    tensors = read_tensors(directory)
     by_module = naming.modules(naming.tensor_index(model, params))
     targets, saved = linear_targets(directory, config, by_module, model, "VeRA")
     if saved:
@@ -101,14 +101,14 @@ def load(directory: str | Path, params: Mapping, model: nn.Module
         per_path.setdefault(slot.path, {})[slot.layer] = (d, b, in_f)
     flat: dict[str, Any] = {}
     for path, layers in per_path.items():
-        d = _stack({i: v[0] for i, v in layers.items()}, path, flat_params, "VeRA")
-        b = _stack({i: v[1] for i, v in layers.items()}, path, flat_params, "VeRA")
+        d = stack_layers({i: v[0] for i, v in layers.items()}, path, flat_params, "VeRA")
+        b = stack_layers({i: v[1] for i, v in layers.items()}, path, flat_params, "VeRA")
         fan_in = next(iter(layers.values()))[2]
         flat[path] = VeraAdapter(jnp.asarray(d), jnp.asarray(b), fan_in=fan_in, max_in=max_in,
                                  max_out=max_out, dropout=dropout, stored=True,
                                  seed=int(config.get("projection_prng_key", 0)))
     check_fits(flat_params, flat)
-    spec = LoraSpec(rank=rank, targets=_alternation(flat), dropout=dropout, method="vera")
+    spec = LoraSpec(rank=rank, targets=alternation(flat), dropout=dropout, method="vera")
     frozen = with_projections(params, jnp.asarray(proj_a.T), jnp.asarray(proj_b.T))
     return spec, paths.unflatten(flat), frozen
 
