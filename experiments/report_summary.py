@@ -169,20 +169,36 @@ def _convention_line(groups: dict) -> list[str]:
 
 
 def _rate_line(runs: pd.DataFrame, groups: dict) -> list[str]:
-    """The rates the rows chose, the grid edges among them, and the runs still improving."""
-    if "grid_size" not in runs or not (runs["grid_size"] > 1).any():
-        return []
-    parts, edges = [], []
-    for (adapt, scale), group in groups.items():
-        rate = rate_cell(group)
-        parts.append(f"{ADAPT_NAMES[adapt]} ({scale}) {rate}")
-        if any(mark in rate for mark in EDGE_MARKS.values()):
-            edges.append(f"{ADAPT_NAMES[adapt]} ({scale})")
-    edge = (f"; at its grid's edge (the best rate may lie beyond): {', '.join(edges)}"
-            if edges else "; none at its grid's edge")
+    """The rates the rank rows chose, at the rank they were tuned at."""
     tune_rank = runs.get(tuning.TUNE_RANK, pd.Series([], dtype=float)).dropna()
     where = (f" at r={int(tune_rank.iloc[0])}, each row's ranks training at its rate"
              if not tune_rank.empty else "")
+    labelled = {f"{ADAPT_NAMES[adapt]} ({scale})": group
+                for (adapt, scale), group in groups.items()}
+    return chosen_rates_line(runs, labelled, where)
+
+
+def chosen_rates_line(runs: pd.DataFrame, groups: dict[str, pd.DataFrame],
+                      where: str = "") -> list[str]:
+    """The rate each labelled group of tuned rows chose, the grid edges among them, and the runs
+    still improving at their last evaluation; nothing for rows that were not tuned.
+
+    >>> rows = pd.DataFrame({"grid_size": [3], "config.optimizer.learning_rate": [1e-3],
+    ...                      "grid_edge": [""], "metric.best_step": [10], "config.steps": [20],
+    ...                      "config.method": ["lora"]})
+    >>> chosen_rates_line(rows, {"nf4": rows})[0].split(";")[0]
+    '- Learning rates chosen on validation: nf4 0.001'
+    """
+    if "grid_size" not in runs or not (runs["grid_size"] > 1).any():
+        return []
+    parts, edges = [], []
+    for label, group in groups.items():
+        rate = rate_cell(group)
+        parts.append(f"{label} {rate}")
+        if any(mark in rate for mark in EDGE_MARKS.values()):
+            edges.append(label)
+    edge = (f"; at its grid's edge (the best rate may lie beyond): {', '.join(edges)}"
+            if edges else "; none at its grid's edge")
     return [f"- Learning rates chosen on validation{where}: {'; '.join(parts)}{edge}."
             + last_point_note(runs)]
 
@@ -231,7 +247,7 @@ def quant_lines(runs: pd.DataFrame, name: str) -> list[str]:
                  for d in present if d != "float32"]
         lines.append(f"- Accuracy against the float32 base ({_pct(a_ref)}): "
                      + "; ".join(parts) + ".")
-    return lines
+    return lines + chosen_rates_line(runs, {d: runs[names == d] for d in present})
 
 
 def _loss_verdict(d: stats.PairedDifference) -> str:

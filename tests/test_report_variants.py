@@ -137,7 +137,7 @@ def test_a_rate_chosen_at_the_edge_of_its_grid_is_marked():
 
 
 @pytest.mark.parametrize("module", ["report_cells", "report_tables", "report_variants",
-                                    "report_figures"])
+                                    "report_figures", "report_summary"])
 def test_the_report_modules_docstring_examples_hold(module):
     # experiments/ is not a package, so --doctest-modules does not collect it: run them here
     import doctest
