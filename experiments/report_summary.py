@@ -46,6 +46,8 @@ def _verdict(d: stats.PairedDifference | None, a: float, b: float) -> str:
     paired test just the difference of the means, "untested"."""
     if d is None:
         return f"{100 * (a - b):+.1f} points (untested)"
+    if d.low == d.high == 0:  # the bootstrap cannot vary what does not differ
+        return "+0.0 points: the same seed-averaged correctness on every test example"
     where = "beyond noise" if d.excludes_zero else "within noise"
     return (f"{100 * d.difference:+.1f} points [{100 * d.low:+.1f}, {100 * d.high:+.1f}]: "
             f"{where}")

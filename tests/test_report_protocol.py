@@ -338,7 +338,7 @@ def test_rank_summary_compares_conventions_and_weight_types_paired():
             f"vs W_q, W_v at r=64 (70.0%): {gain}.") in lines
     convention = next(line for line in lines if "rsLoRA (α=8) minus α=2r" in line)
     assert f"W_q, W_v: r=1 {gain}; r=64 {gain}." in convention
-    assert "all linear: r=1 +0.0 points [+0.0, +0.0]: within noise" in convention
+    assert "all linear: r=1 +0.0 points: the same seed-averaged correctness" in convention
     assert not any("Learning rates chosen" in line for line in lines)  # one rate: not tuned
 
 

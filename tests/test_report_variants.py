@@ -145,3 +145,15 @@ def test_the_report_modules_docstring_examples_hold(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_identical_predictions_are_said_to_be_identical_not_an_interval():
+    import report_summary
+
+    same = np.array([1.0, 0.0, 1.0, 1.0])
+    d = stats.paired_bootstrap(same, same)
+    assert (d.low, d.high) == (0.0, 0.0)
+    assert report_summary._verdict(d, 0.75, 0.75) == (
+        "+0.0 points: the same seed-averaged correctness on every test example")
+    other = stats.paired_bootstrap(same, np.array([0.0, 0.0, 1.0, 1.0]))
+    assert report_summary._verdict(other, 0.75, 0.5).startswith("+25.0 points [")

@@ -32,6 +32,7 @@ PINS=(
   "rank_ablation:protocol|3e419f1706dbe78d418958f3a812102cf0611557|for a in qv all; do \$PY experiments/sweep.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=1 '--config.sweep.ranks=(8,)' '--config.sweep.learning_rates.lora=(0.0003,)' \"--config.sweep.adapts=(\\\"\$a\\\",)\"; done"
   "rank_ablation:protocol|e8109bebb132346b09d8bc5ce38d458248582b20|for a in qv all; do \$PY experiments/tune.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=3 --config.export_adapters=True '--config.sweep.ranks=(1,8,64)' \"--config.sweep.adapts=(\\\"\$a\\\",)\"; done"
   "method_ablation|5e2f8b987797e4b0e267cc751ca3564222d61fea|\$PY experiments/tune.py --config=configs/method_ablation.py --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
+  "quant_ablation:protocol|ddd7c8245ba2ea1e31dff14dbdd1c93613499ccb|\$PY experiments/tune.py --config=configs/quant_ablation.py:protocol --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
 )
 # (rank_ablation:protocol: a first launch at 3e419f1 ran three r=8 runs at 3e-4 (W_q,W_v at both
 # scales, every linear layer at alpha = 2r; its pin reruns the fourth too) before it was stopped; the rest ran at
@@ -87,6 +88,14 @@ for pin in "${PINS[@]}" "${COMPRESSION_PINS[@]}"; do
   echo "== $experiment at ${commit:0:7}: $command"
   (cd "$src" && export PY DB RUNS && eval "$command")
 done
+# The adapters the adapter table and the subspace figure read (W_q,W_v at alpha = 2r, seed 0,
+# r=8 and r=64): their rows ran in stacks at e8109be, which exported nothing from a stack
+# (fixed in 8fb1c4b), so this checkout reruns the two alone into a database of its own
+# (the results database keeps the rows that were measured) and exports them under $RUNS.
+"$PY" experiments/sweep.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol \
+  --batch=2 --seeds=1 --db="$WORK/exports.sqlite" --workdir="$RUNS" --config.export_adapters=True \
+  '--config.sweep.baselines=()' '--config.sweep.ranks=(8,64)' '--config.sweep.scales=("constant",)' \
+  '--config.sweep.learning_rates.lora=(0.003,)' '--config.sweep.adapts=("qv",)'
 "$PY" experiments/report.py --db="$DB" --runs="$RUNS" --out=experiments/results \
   --readme=experiments/results/README.md
 "$PY" experiments/compression_report.py --db="$DB" --out=experiments/results \
