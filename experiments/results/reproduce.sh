@@ -32,11 +32,13 @@ PINS=(
   "rank_ablation:protocol|3e419f1706dbe78d418958f3a812102cf0611557|for a in qv all; do \$PY experiments/sweep.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=1 '--config.sweep.ranks=(8,)' '--config.sweep.learning_rates.lora=(0.0003,)' \"--config.sweep.adapts=(\\\"\$a\\\",)\"; done"
   "rank_ablation:protocol|e8109bebb132346b09d8bc5ce38d458248582b20|for a in qv all; do \$PY experiments/tune.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=3 --config.export_adapters=True '--config.sweep.ranks=(1,8,64)' \"--config.sweep.adapts=(\\\"\$a\\\",)\"; done"
   "method_ablation|5e2f8b987797e4b0e267cc751ca3564222d61fea|\$PY experiments/tune.py --config=configs/method_ablation.py --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
+  "rank_ablation:protocol|aacde7a371f305761e0e5f71ad3471915a4ae558|for a in qv all; do \$PY experiments/tune.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=3 --config.export_adapters=True '--config.sweep.ranks=(1,2,4,8,64)' \"--config.sweep.adapts=(\\\"\$a\\\",)\"; done"
   "quant_ablation:protocol|ddd7c8245ba2ea1e31dff14dbdd1c93613499ccb|\$PY experiments/tune.py --config=configs/quant_ablation.py:protocol --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
 )
 # (rank_ablation:protocol: a first launch at 3e419f1 ran three r=8 runs at 3e-4 (W_q,W_v at both
 # scales, every linear layer at alpha = 2r; its pin reruns the fourth too) before it was stopped; the rest ran at
-# e8109be, which changed only how tune.py finds its rows. method_ablation's full fine-tuning
+# e8109be, which changed only how tune.py finds its rows; ranks 2 and 4 ran at aacde7a (the
+# same rows' rates, chosen at r=8; the done rows are skipped). method_ablation's full fine-tuning
 # chose the top of its grid at 52423a7; 5e2f8b9 adds 3e-4 and runs what that choice needs.)
 # (lm_domain:protocol ran at 82acb23, then full fine-tuning chose its grid's top twice and the
 # grid gained 1e-3 at 11c84e6, 3e-3 at c611971 and 1e-2 at 7e6411e. Before e085f2f tune.py
@@ -89,12 +91,12 @@ for pin in "${PINS[@]}" "${COMPRESSION_PINS[@]}"; do
   (cd "$src" && export PY DB RUNS && eval "$command")
 done
 # The adapters the adapter table and the subspace figure read (W_q,W_v at alpha = 2r, seed 0,
-# r=8 and r=64): their rows ran in stacks at e8109be, which exported nothing from a stack
-# (fixed in 8fb1c4b), so this checkout reruns the two alone into a database of its own
+# r=1, 8 and 64): their rows ran in stacks at e8109be, which exported nothing from a stack
+# (fixed in 8fb1c4b), so this checkout reruns the three into a database of its own
 # (the results database keeps the rows that were measured) and exports them under $RUNS.
 "$PY" experiments/sweep.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol \
   --batch=2 --seeds=1 --db="$WORK/exports.sqlite" --workdir="$RUNS" --config.export_adapters=True \
-  '--config.sweep.baselines=()' '--config.sweep.ranks=(8,64)' '--config.sweep.scales=("constant",)' \
+  '--config.sweep.baselines=()' '--config.sweep.ranks=(1,8,64)' '--config.sweep.scales=("constant",)' \
   '--config.sweep.learning_rates.lora=(0.003,)' '--config.sweep.adapts=("qv",)'
 "$PY" experiments/report.py --db="$DB" --runs="$RUNS" --out=experiments/results \
   --readme=experiments/results/README.md
