@@ -12,7 +12,7 @@ The budget settings (``target_r``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``,
 ``orth_reg_weight``, ``total_step``) do not change what a saved adapter computes; :func:`save`
 writes those it is given, :func:`load` returns them. Refused by name: full-rank trained modules
 (``modules_to_save``), adapters on anything but Linear layers (our Dense kernels), and every
-option :func:`lowrank.interop.peft.read_config` refuses for LoRA.
+option :func:`lowrank.interop.peft_format.read_config` refuses for LoRA.
 
 >>> spec, adapters, budget = load("path/to/adalora-adapter", params, model)  # doctest: +SKIP
 >>> save("out/", adapters, model, total_steps=1000, target_rank=4)  # doctest: +SKIP

@@ -11,7 +11,7 @@ regenerated from their seed; PEFT then loads them from the file (``save_projecti
 
 Refused by name: files without the projections (``save_projection=False``: PEFT would
 regenerate them with torch), ``modules_to_save``, VeRA on anything but Linear layers, and
-every option :func:`lowrank.interop.peft.read_config` refuses for LoRA.
+every option :func:`lowrank.interop.peft_format.read_config` refuses for LoRA.
 
 >>> spec, adapters, frozen = load("path/to/vera-adapter", params, model)  # doctest: +SKIP
 >>> save("out/", adapters, model, frozen=frozen)  # doctest: +SKIP
