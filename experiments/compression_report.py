@@ -36,6 +36,7 @@ from report_cells import (  # noqa: E402
     Table,
     difference_text,
     experiment_runs,
+    interval,
     loss_difference_text,
     mean_std,
     paired,
@@ -173,13 +174,11 @@ def comparisons(runs: pd.DataFrame, experiment: str) -> list[str]:
             d = compare(a, b)
             if lm:
                 values = f"{score(a).mean():.3f} vs {score(b).mean():.3f} perplexity"
-                diff = "" if d is None else (f"{d.difference:+.4f} {unit} [{d.low:+.4f}, "
-                                             f"{d.high:+.4f}]")
+                diff = "" if d is None else interval(d, unit=f" {unit}")
                 better = d is not None and d.difference < 0
             else:
                 values = f"{score(a).mean():.1f}% vs {score(b).mean():.1f}%"
-                diff = "" if d is None else (f"{100 * d.difference:+.1f} {unit} "
-                                             f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}]")
+                diff = "" if d is None else interval(d, 100, 1, f" {unit}")
                 better = d is not None and d.difference > 0
             verdict = ("no paired scores" if d is None else
                        ("low rank better, beyond noise" if better else

@@ -154,12 +154,33 @@ def paired_loss(rows: pd.DataFrame, reference: pd.DataFrame) -> stats.PairedDiff
     return _paired_over_seeds(window_losses(rows), window_losses(reference))
 
 
+def signed(x: float, digits: int) -> str:
+    """``x`` with its sign to ``digits`` decimals; a small negative keeps its sign ("-0.0"), since
+    an interval's sign at its end is what its verdict rests on.
+
+    >>> signed(-0.0004, 1), signed(0.25, 2), signed(-1.26, 1)
+    ('-0.0', '+0.25', '-1.3')
+    """
+    return f"{x:+.{digits}f}"
+
+
+def interval(d: stats.PairedDifference, scale: float = 1.0, digits: int = 4,
+             unit: str = "") -> str:
+    """``"+1.2 points [-0.4, +2.9]"``: a paired difference and its interval, times ``scale``.
+
+    >>> interval(stats.PairedDifference(0.012, -0.004, 0.029, 0.95), 100, 1, " points")
+    '+1.2 points [-0.4, +2.9]'
+    """
+    return (f"{signed(scale * d.difference, digits)}{unit} [{signed(scale * d.low, digits)}, "
+            f"{signed(scale * d.high, digits)}]")
+
+
 def loss_difference_text(d: stats.PairedDifference | None) -> str:
     """``"+0.0012 [-0.0003, +0.0027]"`` (nats per token), † when the interval excludes 0."""
     if d is None:
         return ""
     mark = "†" if d.excludes_zero else ""
-    return f"{d.difference:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{mark}"
+    return interval(d) + mark
 
 
 def difference_text(d: stats.PairedDifference | None) -> str:
@@ -167,7 +188,7 @@ def difference_text(d: stats.PairedDifference | None) -> str:
     if d is None:
         return ""
     mark = "†" if d.excludes_zero else ""
-    return f"{100 * d.difference:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]{mark}"
+    return interval(d, 100, 1) + mark
 
 
 def interval_text(rows: pd.DataFrame) -> str:

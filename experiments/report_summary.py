@@ -19,10 +19,12 @@ from report_cells import (
     DATA_TYPES,
     EDGE_MARKS,
     data_type,
+    interval,
     kind_of,
     paired,
     paired_loss,
     rate_cell,
+    signed,
 )
 from report_tables import (
     lm_methods,
@@ -45,12 +47,11 @@ def _verdict(d: stats.PairedDifference | None, a: float, b: float) -> str:
     """``"+1.2 points [-0.4, +2.9]: within noise"`` or ``"... beyond noise"``; without a
     paired test just the difference of the means, "untested"."""
     if d is None:
-        return f"{100 * (a - b):+.1f} points (untested)"
+        return f"{signed(100 * (a - b), 1)} points (untested)"
     if d.low == d.high == 0:  # the bootstrap cannot vary what does not differ
         return "+0.0 points: the same seed-averaged correctness on every test example"
     where = "beyond noise" if d.excludes_zero else "within noise"
-    return (f"{100 * d.difference:+.1f} points [{100 * d.low:+.1f}, {100 * d.high:+.1f}]: "
-            f"{where}")
+    return f"{interval(d, 100, 1, ' points')}: {where}"
 
 
 def _protocol(runs: pd.DataFrame) -> str:
@@ -254,7 +255,7 @@ def quant_lines(runs: pd.DataFrame, name: str) -> list[str]:
 
 def _loss_verdict(d: stats.PairedDifference) -> str:
     where = "beyond noise" if d.excludes_zero else "within noise"
-    return f"{d.difference:+.4f} [{d.low:+.4f}, {d.high:+.4f}] ({where})"
+    return f"{interval(d)} ({where})"
 
 
 def lm_lines(runs: pd.DataFrame, name: str) -> list[str]:
@@ -333,8 +334,7 @@ def perplexity_lines(runs: pd.DataFrame, name: str) -> list[str]:
         diff = paired_loss(at[at_names == d], reference)
         if diff is not None:
             where = "beyond noise" if diff.excludes_zero else "within noise"
-            tests.append(f"{d} {diff.difference:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}] "
-                         f"({where})")
+            tests.append(f"{d} {interval(diff)} ({where})")
     line = (f"**{name}** (the base as stored, nothing trained; deterministic): float32 "
             f"perplexity {base:.3f}; at blocks of {int(smallest)} the 4-bit types give "
             f"{order}{agrees}")

@@ -19,6 +19,7 @@ from report_cells import (
     Table,
     difference_text,
     experiment_runs,
+    interval,
     interval_text,
     loss_difference_text,
     mean_std,
@@ -149,16 +150,13 @@ def variant_lines(runs: pd.DataFrame, name: str) -> list[str]:
         if lm:
             d = paired_loss(sel, reference)
             value = f"{sel['metric.perplexity'].mean():.3f}"
-            diff = "" if d is None else (
-                f", {d.difference:+.4f} nats/token [{d.low:+.4f}, {d.high:+.4f}]: "
-                + ("beyond noise" if d.excludes_zero else "within noise"))
+            diff = "" if d is None else f", {interval(d, unit=' nats/token')}"
         else:
             d = paired(sel, reference)
             value = f"{100 * sel['metric.accuracy'].mean():.1f}%"
-            diff = "" if d is None else (
-                f", {100 * d.difference:+.1f} points [{100 * d.low:+.1f}, "
-                f"{100 * d.high:+.1f}]: " + ("beyond noise" if d.excludes_zero
-                                             else "within noise"))
+            diff = "" if d is None else f", {interval(d, 100, 1, ' points')}"
+        if d is not None:
+            diff += ": beyond noise" if d.excludes_zero else ": within noise"
         parts.append(f"{method} {value}{diff}")
     ref_value = (f"{reference['metric.perplexity'].mean():.3f}" if lm
                  else f"{100 * reference['metric.accuracy'].mean():.1f}%")
