@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -n 2 -q "$@"
-bash scripts/docs.sh docs docs/_build/html -E  # -E: re-read (and re-run) every page
+bash scripts/docs.sh docs docs/_build/html -E -j auto  # -E: re-read (and re-run) every page; -j: pages (and notebooks) read in parallel

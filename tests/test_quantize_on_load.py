@@ -28,6 +28,9 @@ from lowrank.quant.blockwise import NESTED_BLOCK_SIZE
 
 BIG = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816,
                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4)
+# The QLoRA step's model in the fast tier (13M parameters); the 200M one under -m slow.
+MID = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1408,
+                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
 SMALL = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 NF4_DQ = lr.QuantSpec("nf4", double_quant=True)
@@ -45,6 +48,11 @@ def write(directory: Path, config: LlamaConfig, shards: int) -> Path:
 @pytest.fixture(scope="module")
 def big_dir(tmp_path_factory):
     return write(tmp_path_factory.mktemp("llama200m"), BIG, shards=2)
+
+
+@pytest.fixture(scope="module")
+def mid_dir(tmp_path_factory):
+    return write(tmp_path_factory.mktemp("llama13m"), MID, shards=2)
 
 
 @pytest.fixture
@@ -121,11 +129,13 @@ def test_quantize_on_load_equals_quantize_tree_bit_for_bit(big_dir):
     assert report.bits_per_param > report.quantized.bits_per_param  # float embeddings, norms
 
 
-def test_a_qlora_step_on_the_loaded_model_trains_and_matches_the_float_base(big_dir):
+@pytest.mark.parametrize("size", ["mid", pytest.param("big", marks=pytest.mark.slow)])
+def test_a_qlora_step_on_the_loaded_model_trains_and_matches_the_float_base(size, request):
+    directory, config = request.getfixturevalue(f"{size}_dir"), {"mid": MID, "big": BIG}[size]
     model, frozen = models.from_pretrained(
-        big_dir, scan_layers=True, remat=True, quant=dataclasses.replace(NF4_DQ, targets=LAYERS))
+        directory, scan_layers=True, remat=True, quant=dataclasses.replace(NF4_DQ, targets=LAYERS))
     assert not lr.quant.is_quantized(frozen["lm_head"]["kernel"])
-    ids = jax.random.randint(jax.random.key(1), (1, 33), 0, BIG.vocab_size)
+    ids = jax.random.randint(jax.random.key(1), (1, 33), 0, config.vocab_size)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     layouts = lr.discover_layouts(model, models.abstract_params(model), inputs)
     spec = lr.LoraSpec(rank=16, alpha=32, targets=LAYERS + "/kernel")
