@@ -181,8 +181,8 @@ def comparisons(runs: pd.DataFrame, experiment: str) -> list[str]:
                 diff = "" if d is None else interval(d, 100, 1, f" {unit}")
                 better = d is not None and d.difference > 0
             verdict = ("no paired scores" if d is None else
-                       ("low rank better, beyond noise" if better else
-                        "fewer bits better, beyond noise") if d.excludes_zero
+                       ("the low-rank base better, beyond noise" if better else
+                        "the quantized base better, beyond noise") if d.excludes_zero
                        else "within noise")
             lines.append(f"- {RECOVERY.get(method, method)}: {base_name(*low)} "
                          f"({kernel_bits(a):.2f} bits) against {base_name(*bits)} "

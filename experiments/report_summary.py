@@ -298,8 +298,8 @@ def _lm_protocol_lines(runs: pd.DataFrame, name: str, names: pd.Series,
                  and (diff := paired_loss(sel[sel_names == d], reference)) is not None]
         four_bit = sorted((d for d in PAPER_ORDER if d in ppl), key=ppl.get)
         paper = [d for d in PAPER_ORDER if d in four_bit]
-        order = (" < ".join(four_bit) + (" (the paper's order)" if four_bit == paper
-                                         else f" (the paper's: {' < '.join(paper)})")
+        order = (" < ".join(four_bit) + (" (the order of QLoRA's Table 2)" if four_bit == paper
+                                         else f" (QLoRA's Table 2: {' < '.join(paper)})")
                  if len(four_bit) > 1 else "")
         lines.append(f"- {label}: float32 perplexity {ppl['float32']:.3f}; "
                      + "; ".join(tests) + (f". 4-bit types by perplexity: {order}" if order
@@ -310,7 +310,11 @@ def _lm_protocol_lines(runs: pd.DataFrame, name: str, names: pd.Series,
         lines.append(f"- Full fine-tuning of the float32 base: perplexity "
                      f"{full['metric.perplexity'].mean():.3f}, against LoRA over float32 "
                      f"{_loss_verdict(diff)}.")
-    return lines
+    groups = {f"LoRA over {d}": runs[(methods == "lora") & (names == d)] for d in DATA_TYPES
+              if ((methods == "lora") & (names == d)).any()}
+    if not full.empty:
+        groups["full fine-tuning"] = full
+    return lines + chosen_rates_line(runs, groups)
 
 
 def perplexity_lines(runs: pd.DataFrame, name: str) -> list[str]:
@@ -326,8 +330,8 @@ def perplexity_lines(runs: pd.DataFrame, name: str) -> list[str]:
     four_bit = sorted((d for d in PAPER_ORDER if d in ppl), key=ppl.get)
     paper = [d for d in PAPER_ORDER if d in four_bit]
     order = " < ".join(f"{d} {ppl[d]:.3f}" for d in four_bit)
-    agrees = ("" if len(four_bit) < 2 else ": the paper's order" if four_bit == paper else
-              f": not the paper's order ({' < '.join(paper)})")
+    agrees = ("" if len(four_bit) < 2 else ": the order of QLoRA's Table 2" if four_bit == paper
+              else f": not the order of QLoRA's Table 2 ({' < '.join(paper)})")
     reference = runs[names == "float32"]
     tests = []
     for d in four_bit:

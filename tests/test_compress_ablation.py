@@ -102,7 +102,7 @@ def test_report_tunes_each_base_then_compares_equal_sizes_paired():
     assert by_base["dense float32"][1] == "32.00"  # a dense float base counts 32 bits
     (line,) = report.comparisons(frame, "compress_ablation")
     assert "rank 25% + float32 (8.00 bits) against dense int8 (8.50 bits): 50.0% vs 100.0%" \
-        in line and line.endswith("fewer bits better, beyond noise.")
+        in line and line.endswith("the quantized base better, beyond noise.")
 
 
 def _lm_row(budget, fmt, lr, seed, losses, val, bits=np.nan):
@@ -133,7 +133,7 @@ def test_lm_report_reads_lower_perplexity_as_better():
         "rank 50% + int8"][6]  # worse than the dense float base by 0.2 nats, beyond noise
     (line,) = report.comparisons(frame, "compress_ablation:lm")
     assert "rank 50% + int8 (4.25 bits) against dense nf4 (4.50 bits)" in line
-    assert "-0.1000 nats/token" in line and line.endswith("low rank better, beyond noise.")
+    assert "-0.1000 nats/token" in line and line.endswith("the low-rank base better, beyond noise.")
     assert report.pareto([(32, 7.0), (4.5, 8.0), (4.25, 7.5)], higher_is_better=False) == [
         (4.25, 7.5), (32, 7.0)]
 

@@ -380,3 +380,32 @@ def test_adapter_analysis_reads_each_rank_at_its_chosen_rate_and_constant_scale(
     assert [row[:2] for row in table.rows] == [["8", "W_q"], ["8", "W_v"], ["64", "W_q"],
                                                ["64", "W_v"]]
     assert [row[-1] for row in table.rows[2:]] == ["1.00", "1.00"]  # A_64 against itself
+
+
+def test_lm_summary_names_each_methods_chosen_rate_and_the_runs_still_improving():
+    """The LM data-type summary says the rate each method chose on validation (LoRA per base
+    type, full fine-tuning) and how many trained runs peaked at their last evaluation."""
+    db = results.ResultsDB(":memory:")
+    tokens, base = np.full(8, 16.0), np.linspace(2.0, 3.0, 8)
+    model = {"num_layers": 2, "hidden_size": 32}
+    runs = [("none", "none", None, 9.0, 8), ("lora", "none", 1e-3, 8.0, 8),
+            ("lora", "none", 1e-2, 7.0, 4), ("lora", "nf4", 1e-3, 7.5, 8),
+            ("lora", "nf4", 1e-2, 7.9, 8), ("full", "none", 1e-4, 6.0, 8),
+            ("full", "none", 3e-4, 5.0, 8), ("full", "none", 1e-3, 5.5, 6)]
+    for method, fmt, rate, val, best_step in runs:
+        config = {"method": method, "seed": 0, "steps": 8, "model": model, "lora": {"rank": 8},
+                  "quant": {"fmt": fmt}, "eval": {"select": "perplexity"}}
+        if rate is not None:
+            config["optimizer"] = {"learning_rate": rate}
+        loss = base - (0.1 if method != "none" else 0.0)
+        db.write(config, {"perplexity": float(np.exp(loss.mean())), "val_perplexity": val,
+                          "best_step": best_step, "weight_rmse": 0.0},
+                 experiment="lm_domain:x",
+                 predictions=json.dumps({"nll": (loss * tokens).tolist(),
+                                         "tokens": tokens.tolist()}))
+    rates = next(line for line in report_summary.summary_lines(db.frame("ok"))
+                 if "Learning rates" in line)
+    assert rates == ("- Learning rates chosen on validation: LoRA over float32 0.01; LoRA over "
+                     "nf4 0.001; full fine-tuning 0.0003; none at its grid's edge. The best "
+                     "validation point was the last evaluation in 2 of 3 trained runs (still "
+                     "improving when the budget ended).")
