@@ -3,9 +3,12 @@
 Offline by design: no intersphinx, so references to other projects (jax, flax, numpy) are not
 checked; every reference into ``lowrank`` must resolve (``nitpicky``, warnings are errors).
 The API pages are generated from the packages' ``__all__`` (``docs/apigen.py``) and the
-notebooks are copied from ``notebooks/`` and executed (in small mode, set by scripts/docs.sh).
+notebooks are copied from ``notebooks/`` and executed (in small mode, set by scripts/docs.sh),
+unless LOWRANK_EXECUTED_NOTEBOOKS names a folder holding every notebook already executed with
+today's cells (tests/test_notebooks.py writes them; scripts/test.sh runs the notebooks once).
 """
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -51,9 +54,32 @@ napoleon_numpy_docstring = False
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
 
-# Notebooks: executed on every build (small mode comes from the environment, see docs.sh);
-# a cell that raises fails the build.
+
+def executed_notebooks(folder: str | None) -> dict[str, Path] | None:
+    """Each notebook's executed copy in ``folder``, or None unless every notebook has one whose
+    cells are today's (a copy left from older sources must not be rendered)."""
+    if not folder:
+        return None
+    import nbformat
+
+    def sources(path):
+        return [cell.source for cell in nbformat.read(path, as_version=4).cells]
+
+    copies = {}
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        copy = Path(folder) / notebook.name
+        if not copy.is_file() or sources(copy) != sources(notebook):
+            return None
+        copies[notebook.name] = copy
+    return copies
+
+
+EXECUTED = executed_notebooks(os.environ.get("LOWRANK_EXECUTED_NOTEBOOKS"))
+
+# Notebooks and the guides' code cells: executed on every build (small mode comes from the
+# environment, see docs.sh) but for notebooks the tests executed; a cell that raises fails it.
 nb_execution_mode = "force"
+nb_execution_excludepatterns = ["notebooks/*.ipynb"] if EXECUTED else []
 nb_execution_timeout = 600
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
@@ -80,6 +106,7 @@ def _generate(app):
         target = Path(app.srcdir) / "notebooks"
         target.mkdir(exist_ok=True)
         for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+            notebook = EXECUTED[notebook.name] if EXECUTED else notebook
             copy = target / notebook.name
             if not copy.is_file() or copy.read_bytes() != notebook.read_bytes():
                 shutil.copyfile(notebook, copy)

@@ -5,5 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
+# The notebooks run once: the tests write them executed, the docs build renders those.
+export LOWRANK_EXECUTED_NOTEBOOKS="$(mktemp -d)"
+trap 'rm -rf "$LOWRANK_EXECUTED_NOTEBOOKS"' EXIT
 .venv/bin/python -m pytest -n 2 -q "$@"
-bash scripts/docs.sh docs docs/_build/html -E -j auto  # -E: re-read (and re-run) every page; -j: pages (and notebooks) read in parallel
+bash scripts/docs.sh docs docs/_build/html -E -j auto  # -E: re-read every page; -j: in parallel

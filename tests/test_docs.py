@@ -98,3 +98,25 @@ def test_a_broken_cross_reference_fails_the_build(tmp_path):
     broken = _build(tmp_path / "broken", PAGE + "And {func}`lowrank.no_such_function`.\n")
     assert broken.returncode != 0
     assert "reference target not found: lowrank.no_such_function" in broken.stderr
+
+
+def test_the_build_renders_executed_notebooks_only_when_every_one_has_todays_cells(tmp_path):
+    """scripts/test.sh runs the notebooks once: the docs build takes the tests' executed copies
+    (docs/conf.py), but never a stale or missing one: then it runs them all itself."""
+    import nbformat
+
+    conf = importlib.import_module("conf")
+    names = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert len(names) == 4 and conf.executed_notebooks(None) is None
+    for name in names:
+        nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+        code = [cell for cell in nb.cells if cell.cell_type == "code"]
+        code[-1].outputs = [nbformat.v4.new_output("stream", text="ran\n")]
+        nbformat.write(nb, tmp_path / name)
+    assert conf.executed_notebooks(str(tmp_path)) == {n: tmp_path / n for n in names}
+    stale = nbformat.read(tmp_path / names[1], as_version=4)
+    stale.cells[0].source += "\nAn older sentence."
+    nbformat.write(stale, tmp_path / names[1])
+    assert conf.executed_notebooks(str(tmp_path)) is None
+    (tmp_path / names[1]).unlink()
+    assert conf.executed_notebooks(str(tmp_path)) is None

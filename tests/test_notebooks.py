@@ -1,7 +1,12 @@
 """The notebooks: each runs top to bottom in small mode (any error fails), draws its figures,
-and is exactly what ``notebooks/build.py`` makes of its source, without outputs."""
+and is exactly what ``notebooks/build.py`` makes of its source, without outputs.
+
+With LOWRANK_EXECUTED_NOTEBOOKS=DIR (scripts/test.sh sets it) each notebook that passes is
+written there executed, and the docs build that follows renders those instead of running the
+notebooks a second time (docs/conf.py)."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +63,10 @@ def test_notebook_runs_top_to_bottom_in_small_mode(name, monkeypatch):
     assert "small mode: True" in _texts(code[:1])  # the first cell read the variable
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) == FIGURES[name]
+    if os.environ.get("LOWRANK_EXECUTED_NOTEBOOKS"):
+        executed = Path(os.environ["LOWRANK_EXECUTED_NOTEBOOKS"])
+        executed.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, executed / f"{name}.ipynb")
 
 
 @pytest.mark.slow
