@@ -16,7 +16,9 @@ esac
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 out="$repo/benchmarks/figures/${name}_$(date -u +%Y-%m-%d).txt"
 commit="$(git -C "$repo" rev-parse HEAD)"
-git -C "$repo" diff --quiet HEAD -- lowrank benchmarks || commit="$commit (with uncommitted changes)"
+# The code a figure depends on: the library, the configs and the benchmark scripts.
+git -C "$repo" diff --quiet HEAD -- lowrank configs 'benchmarks/*.py' 'benchmarks/peers/*.py' \
+  || commit="$commit (with uncommitted changes to the code)"
 {
   echo "# command: $*"
   echo "# commit: $commit"
