@@ -80,7 +80,7 @@ def test_run_script_rejects_unknown_override_listing_valid_keys():
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "run.py"),
          "--config=configs/finetune_bbc.py:tiny", "--config.lora.rnak=2", "--db=:memory:"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 2
     assert "unknown config key 'lora.rnak'; valid keys: adapt, batch_size" in done.stderr

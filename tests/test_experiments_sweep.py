@@ -77,6 +77,6 @@ def test_sweep_killed_midway_then_resumed(tmp_path):
     assert "rank must be an integer >= 1, got 0" in failed[0]["traceback"]
 
     again = subprocess.run(_sweep_args(config, db_path) + ["--dry_run"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=300)
     lines = [line.split()[0] for line in again.stdout.splitlines() if "{" in line]
     assert lines == ["done", "done", "todo"]  # failed runs are retried, finished ones not
