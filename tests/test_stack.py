@@ -255,6 +255,18 @@ def test_group_compatible_keeps_order_and_size():
         stack.group_compatible(configs, max_size=0)
 
 
+@pytest.mark.parametrize("override", [{"lora.init": "pissa"}, {"lora.init": "loftq"},
+                                      {"lora.method": "adalora"}, {"parallel.mode": "pmap"}])
+def test_a_run_that_cannot_stack_is_grouped_alone(override):
+    """lora.init is a member key (kaiming and gaussian members stack), but a run that
+    train_stacked would refuse whatever its company gets a group of its own, so a sweep's
+    --batch never hands it a stack (PiSSA at 1e-2 beside LoRA's runs failed so)."""
+    configs = [_config({}), _config(override), _config({"seed": 1}), _config(override)]
+    assert stack.unstackable(configs[1]) is not None
+    assert stack.group_compatible(configs) == [[0, 2], [1], [3]]
+    stack.check_compatible([configs[0], configs[2]])
+
+
 def test_bad_optimizers_and_layouts_are_refused_by_name():
     loss_fn = lambda t, f, b, r: (0.0, {})  # noqa: E731
     schedule = optax.constant_schedule(1e-3)

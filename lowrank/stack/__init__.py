@@ -25,6 +25,7 @@ from lowrank.stack.runs import (
     group_compatible,
     shared_fields,
     train_stacked,
+    unstackable,
 )
 from lowrank.stack.step import (
     make_stacked_eval_step,
@@ -50,5 +51,6 @@ __all__ = [
     "stack_states",
     "train_stacked",
     "unstack_states",
+    "unstackable",
     "with_multipliers",
 ]

@@ -84,19 +84,22 @@ def group_compatible(
 ) -> list[list[int]]:
     """Indices of ``configs`` grouped into stacks: runs that share every field outside
     ``member_keys``, in order of first appearance, each group cut into pieces of at most
-    ``max_size`` runs.
+    ``max_size`` runs; a run that cannot train in a stack at all (:func:`unstackable`) is a
+    group of its own.
 
     >>> from lowrank.train import default_config
-    >>> configs = [default_config() for _ in range(4)]
+    >>> configs = [default_config() for _ in range(5)]
     >>> configs[1].lora.rank, configs[2].steps, configs[3].seed = 2, 7, 1
+    >>> configs[4].lora.init = "pissa"  # a member key, but PiSSA changes the base
     >>> group_compatible(configs), group_compatible(configs, max_size=2)
-    ([[0, 1, 3], [2]], [[0, 1], [3], [2]])
+    ([[0, 1, 3], [2], [4]], [[0, 1], [3], [2], [4]])
     """
     if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
         raise ValueError(f"max_size must be an integer >= 1 or None, got {max_size!r}")
     groups: dict[str, list[int]] = {}
     for i, config in enumerate(configs):
-        groups.setdefault(_key(config, member_keys), []).append(i)
+        alone = unstackable(config) is not None
+        groups.setdefault(f"alone {i}" if alone else _key(config, member_keys), []).append(i)
     size = max_size or max(len(configs), 1)
     return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
@@ -131,24 +134,42 @@ optimizer.end_learning_rate, optimizer.weight_decay, optimizer.b1, optimizer.b2,
                     f"run {i} (members may differ only in {', '.join(member_keys)})")
 
 
+def unstackable(config: Any) -> str | None:
+    """Why ``config``'s run cannot train inside a stack, whatever it is stacked with, or None
+    when it can.
+
+    >>> from lowrank.train import default_config
+    >>> config = default_config()
+    >>> unstackable(config) is None
+    True
+    >>> config.lora.method = "adalora"
+    >>> unstackable(config).split(":")[0]
+    "config.lora.method 'adalora' is not stackable"
+    """
+    if config.parallel.mode != "jit":
+        return (f"config.parallel.mode {config.parallel.mode!r} is not stackable; stacks run "
+                "with parallel.mode='jit'")
+    if config.lora.method == "adalora":
+        return ("config.lora.method 'adalora' is not stackable: its rank budget (an optax "
+                "transform around AdamW) and its orthogonality penalty are per run; train "
+                "AdaLoRA runs one at a time")
+    if config.lora.init not in STACKABLE_INITS:
+        return (f"config.lora.init {config.lora.init!r} changes the frozen base, which a stack "
+                f"shares; stackable: {STACKABLE_INITS}")
+    return None
+
+
 def _check_stackable(configs: Sequence[Any]) -> None:
     for i, config in enumerate(configs):
         check_config(config)
-        if config.parallel.mode != "jit":
-            raise ValueError(f"run {i}: config.parallel.mode {config.parallel.mode!r} is not "
-                             "stackable; stacks run with parallel.mode='jit'")
+        reason = unstackable(config)
+        if reason is not None:
+            raise ValueError(f"run {i}: {reason}")
         if config.workdir:
             raise ValueError(f"run {i}: config.workdir is {config.workdir!r}, but a stack "
                              "writes no per-run metrics files or exports (its results come "
                              "back as TrainResults): set config.workdir to None, and give "
                              "train_stacked(..., workdir=) for the stack's checkpoints")
-        if config.lora.method == "adalora":
-            raise ValueError(f"run {i}: config.lora.method 'adalora' is not stackable: its rank "
-                             "budget (an optax transform around AdamW) and its orthogonality "
-                             "penalty are per run; train AdaLoRA runs one at a time")
-        if config.lora.init not in STACKABLE_INITS:
-            raise ValueError(f"run {i}: config.lora.init {config.lora.init!r} changes the "
-                             f"frozen base, which a stack shares; stackable: {STACKABLE_INITS}")
 
 
 def _member_params(configs: Sequence[Any], task: Task) -> tuple[list, list[list[str]]]:
