@@ -19,9 +19,30 @@ from report_tables import (
     rank_rows,
 )
 
+OFF_SCALE = 10.0
+"""Points (%) below the median line point at which a point is drawn off scale: a run that
+diverged would otherwise flatten every other line into a band at the top."""
+
 
 def _std(x) -> float:
     return float(x.std(ddof=1)) if len(x) > 1 else 0.0
+
+
+def off_scale(points: dict, spread: float = OFF_SCALE) -> tuple[float | None, list]:
+    """The y-axis floor and the keys of the points drawn below it, from ``points`` (key ->
+    (mean, std) in %): those more than ``spread`` below the median mean; (None, []) when none
+    is, so the axis takes every point.
+
+    >>> off_scale({"a": (95.0, 1.0), "b": (96.0, 0.5), "c": (26.8, 6.7)})
+    (93.0, ['c'])
+    >>> off_scale({"a": (95.0, 1.0), "b": (90.0, 2.0)})
+    (None, [])
+    """
+    median = float(np.median([mean for mean, _ in points.values()]))
+    low = [key for key, (mean, _) in points.items() if mean < median - spread]
+    if not low:
+        return None, []
+    return min(mean - std for key, (mean, std) in points.items() if key not in low) - 1.0, low
 
 
 def plot_accuracy_vs_rank(frame: pd.DataFrame, path: str | Path,
@@ -37,15 +58,26 @@ def plot_accuracy_vs_rank(frame: pd.DataFrame, path: str | Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.0, 4.0), dpi=120)
     groups = rank_rows(runs)
     several_scales = len({scale for _, scale in groups}) > 1
+    points = {}
     for (adapt, scale), sel in groups.items():
         summary = sel.groupby("config.lora.rank")["metric.accuracy"].agg(["mean", _std])
         label = ADAPT_NAMES[adapt] + (f", {scale}" if several_scales else "")
         ax.errorbar(summary.index, 100 * summary["mean"], yerr=100 * summary["_std"],
                     marker="o", capsize=3, label=label,
                     linestyle="--" if several_scales and scale.startswith("rs") else "-")
+        points.update({(label, rank): (100 * row["mean"], 100 * row["_std"])
+                       for rank, row in summary.iterrows()})
+    floor, low = off_scale(points) if points else (None, [])
+    if floor is not None:  # a diverged cell: keep the others readable, name it at the edge
+        top = max(mean + std for key, (mean, std) in points.items() if key not in low)
+        ax.set_ylim(floor, min(top + 1.0, 100.5))
+        for i, (label, rank) in enumerate(low):
+            ax.annotate(f"{label}, r={rank}: {points[label, rank][0]:.1f}% (off scale)",
+                        xy=(rank, floor), xytext=(-6, 10 + 11 * i), textcoords="offset points",
+                        ha="right", fontsize=7, arrowprops=dict(arrowstyle="->", lw=0.8))
     for (method, name), style in zip(BASELINE_NAMES.items(), ("--", ":"), strict=True):
         sel = runs[runs["config.method"] == method]["metric.accuracy"]
         if not sel.empty:
@@ -57,7 +89,7 @@ def plot_accuracy_vs_rank(frame: pd.DataFrame, path: str | Path,
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"MiniLM on BBC News ({experiment}): accuracy vs rank (mean ± std)",
                  fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: lines cross
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
