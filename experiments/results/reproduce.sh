@@ -33,15 +33,21 @@ PINS=(
   "rank_ablation:protocol|e8109bebb132346b09d8bc5ce38d458248582b20|for a in qv all; do \$PY experiments/tune.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=3 --config.export_adapters=True '--config.sweep.ranks=(1,8,64)' \"--config.sweep.adapts=(\\\"\$a\\\",)\"; done"
   "method_ablation|5e2f8b987797e4b0e267cc751ca3564222d61fea|\$PY experiments/tune.py --config=configs/method_ablation.py --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
   "rank_ablation:protocol|aacde7a371f305761e0e5f71ad3471915a4ae558|for a in qv all; do \$PY experiments/tune.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=3 --config.export_adapters=True '--config.sweep.ranks=(1,2,4,8,64)' \"--config.sweep.adapts=(\\\"\$a\\\",)\"; done"
-  "rank_ablation:protocol|5a924500b62b1138690193369152c2aad43c3178|for a in qkvo q; do \$PY experiments/tune.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=3 --config.export_adapters=True '--config.sweep.ranks=(1,2,4,8,64)' \"--config.sweep.adapts=(\\\"\$a\\\",)\"; done"
+  "rank_ablation:protocol|5a924500b62b1138690193369152c2aad43c3178|for a in qkvo q; do \$PY experiments/tune.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=3 --config.export_adapters=True '--config.sweep.ranks=(1,2,4,8,64)' \"--config.sweep.adapts=(\\\"\$a\\\",)\"; done; \$PY experiments/tune.py --config=configs/rank_ablation.py --experiment=rank_ablation:protocol --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.baselines=()' --seeds=3 --config.export_adapters=True '--config.sweep.ranks=(1,2,4,8,64)' '--config.sweep.adapts=(\"v\",)' '--config.sweep.learning_rates.lora=(0.0003,0.001,0.003,0.01,0.03)'"
+  "method_ablation|59c6ab0165cdb14e3e7b3a07634664dfa0d90f47|\$PY experiments/tune.py --config=configs/method_ablation.py --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.methods=(\"lora\",\"rslora\",\"dora\",\"pissa\",\"loftq\")' '--config.sweep.learning_rates.lora=(0.0003,0.001,0.003,0.01)' || true; \$PY experiments/tune.py --config=configs/method_ablation.py --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.methods=(\"adalora\",)' '--config.sweep.learning_rates.lora=(0.0001,0.0003,0.001,0.003)'"
+  "method_ablation|c0fb3a6480041c4fb2f0d335c7b1f49be24dc24c|\$PY experiments/tune.py --config=configs/method_ablation.py --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS '--config.sweep.methods=(\"lora\",\"rslora\",\"dora\",\"pissa\",\"loftq\")' '--config.sweep.learning_rates.lora=(0.0003,0.001,0.003,0.01)'"
   "quant_ablation:protocol|ddd7c8245ba2ea1e31dff14dbdd1c93613499ccb|\$PY experiments/tune.py --config=configs/quant_ablation.py:protocol --seeds=3 --batch=3 --db=\$DB --workdir=\$RUNS"
 )
 # (rank_ablation:protocol: a first launch at 3e419f1 ran three r=8 runs at 3e-4 (W_q,W_v at both
 # scales, every linear layer at alpha = 2r; its pin reruns the fourth too) before it was stopped; the rest ran at
 # e8109be, which changed only how tune.py finds its rows; ranks 2 and 4 ran at aacde7a (the
 # same rows' rates, chosen at r=8; the done rows are skipped); W_q, W_k, W_v, W_o and W_q alone
-# ran at 5a92450. method_ablation's full fine-tuning
-# chose the top of its grid at 52423a7; 5e2f8b9 adds 3e-4 and runs what that choice needs.)
+# ran at 5a92450, and W_v alone too, its grid widened to 3e-2 when it chose 1e-2. method_ablation's
+# full fine-tuning chose the top of its grid at 52423a7; 5e2f8b9 adds 3e-4 and runs what that
+# choice needs; at 59c6ab0 the adapters at an edge of theirs tried one rate beyond it, but the
+# batched sweep put PiSSA in a stack with LoRA's runs, which failed those three (hence
+# `|| true`: the sweep exits nonzero on a failed run); c0fb3a6 keeps unstackable runs alone
+# and ran them.)
 # (lm_domain:protocol ran at 82acb23, then full fine-tuning chose its grid's top twice and the
 # grid gained 1e-3 at 11c84e6, 3e-3 at c611971 and 1e-2 at 7e6411e. Before e085f2f tune.py
 # chose within each pass's own rows, so each later pass ran its new rate at all 3 seeds; the
